@@ -1,0 +1,5 @@
+import sys
+
+from lgur.cli import main
+
+sys.exit(main())

@@ -1,0 +1,133 @@
+"""Configuration as data: defaults.yaml declares every key; recipes and `key=value` override it.
+
+    cfg = load_config("configs/lgur_cuhk.yaml", ["optim.epochs=10", "data.root=/data/CUHK-PEDES"])
+    cfg.optim.epochs        # attribute access
+    cfg["optim"]["epochs"]  # or item access
+    save_config(cfg, run_dir / "config.yaml")
+
+A recipe may name `_base_: other.yaml` (relative to itself) to inherit from another recipe.
+Unknown keys are an error, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from lgur.errors import ConfigError
+
+DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+class Config(dict):
+    """A nested dict with attribute access. Values that are dicts are Configs too."""
+
+    def __init__(self, data: dict | None = None):
+        super().__init__()
+        for k, v in (data or {}).items():
+            self[k] = Config(v) if isinstance(v, dict) else v
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = Config(value) if isinstance(value, dict) else value
+
+    def __deepcopy__(self, memo):
+        return Config(copy.deepcopy(self.to_dict(), memo))
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self.items()}
+
+
+def defaults() -> Config:
+    return Config(yaml.safe_load(DEFAULTS_PATH.read_text()))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path, or a recipe name such as `lgur_cuhk` looked up in the repository's configs/."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (REPO_CONFIGS / p, REPO_CONFIGS / f"{p}.yaml"):
+        if cand.is_file():
+            return cand
+    known = sorted(q.stem for q in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
+    raise ConfigError(f"config file not found: {name_or_path} (recipes: {', '.join(known) or 'none'})")
+
+
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ cycle")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    merged = _read_recipe((path.parent / base), seen + (path,))
+    _merge(merged, data, strict=False, where=str(path))
+    return merged
+
+
+def _merge(dst: dict, src: dict, strict: bool, where: str, prefix: str = "") -> None:
+    for k, v in src.items():
+        key = f"{prefix}{k}"
+        if strict and k not in dst:
+            near = ", ".join(sorted(dst)) if isinstance(dst, dict) else ""
+            raise ConfigError(f"{where}: unknown config key '{key}' (known here: {near})")
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v, strict, where, key + ".")
+        else:
+            dst[k] = v
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[str]) -> None:
+    """Apply `a.b.c=value` strings; the value is parsed as YAML (`1e-4`, `[1, 2]`, `null`, `true`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = cfg
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{item}'")
+            if i == len(parts) - 1:
+                if isinstance(node[part], dict):
+                    raise ConfigError(f"'{key}' is a section, not a value")
+                node[part] = value
+            else:
+                node = node[part]
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults <- recipe (with its _base_ chain) <- overrides. Validates that every key is known."""
+    cfg = defaults().to_dict()
+    if path is not None:
+        p = resolve_config_path(path)
+        _merge(cfg, _read_recipe(p), strict=True, where=str(p))
+    apply_overrides(cfg, overrides)
+    return Config(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from a saved dict (e.g. a checkpoint's), filling keys added since with defaults."""
+    cfg = defaults().to_dict()
+    _merge(cfg, data, strict=False, where="saved config")
+    return Config(cfg)
+
+
+def save_config(cfg: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict() if isinstance(cfg, Config) else cfg, sort_keys=False))
