@@ -89,7 +89,17 @@ def _merge(dst: dict, src: dict, strict: bool, where: str, prefix: str = "") -> 
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
             _merge(dst[k], v, strict, where, key + ".")
         else:
-            dst[k] = v
+            dst[k] = _coerce(dst.get(k), v, key, where)
+
+
+def _coerce(old: Any, new: Any, key: str, where: str) -> Any:
+    """YAML reads `1e-4` as a string; accept it where the default is a number."""
+    if isinstance(new, str) and isinstance(old, float) and not isinstance(old, bool):
+        try:
+            return float(new)
+        except ValueError:
+            raise ConfigError(f"{where}: '{key}' must be a number, got '{new}'") from None
+    return new
 
 
 def apply_overrides(cfg: dict, overrides: Iterable[str]) -> None:
@@ -107,7 +117,7 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> None:
             if i == len(parts) - 1:
                 if isinstance(node[part], dict):
                     raise ConfigError(f"'{key}' is a section, not a value")
-                node[part] = value
+                node[part] = _coerce(node[part], value, key, "override")
             else:
                 node = node[part]
 
