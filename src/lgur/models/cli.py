@@ -37,5 +37,26 @@ def _run_convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="parameter counts of the model a config describes (total, trainable, per module)",
+                       description="Build the model with random init on the meta device (no weights needed) and "
+                                   "print its parameter counts per paper module; the ID classifiers separately.")
+    p.add_argument("--config", default=None, help="recipe (path or name, e.g. lgur_cuhk); default: built-in defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable (e.g. --set model.image_backbone=resnet50)")
+    p.add_argument("--num-classes", type=int, default=0,
+                   help="ID classes to count classifiers for (CUHK-PEDES 11000 after the official skip, "
+                        "ICFG-PEDES 3102, RSTPReid 3701); default 0: none")
+    p.add_argument("--json", action="store_true", help="print {total, trainable, classifiers, modules, ...} as JSON")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from lgur.models.info import run_info
+
+    return run_info(args)
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_convert_official(sub)
+    add_info(sub)
