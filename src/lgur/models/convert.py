@@ -18,8 +18,8 @@ Names follow the fixture README's table:
     TextExtract.text_embed.*  (BERT)                     -> text.backbone.*
     ImageExtract.model.*      (TransReID DeiT = timm)    -> image.model.*
 
-Dropped on purpose because no official forward reads them: `pos_embed_image`, the last DeiT block
-(the forward runs blocks[:-1]), the DeiT final `norm` and `fc`, the BERT pooler and BERT's
+Dropped on purpose because no official forward reads them: `pos_embed_image`, the DeiT blocks
+beyond those our backbone builds (the official forward runs blocks[:-1]), the DeiT final `norm` and `fc`, the BERT pooler and BERT's
 position/token-type id buffers. Any other official key that maps nowhere, and any model key left
 unfilled, is an error that names them.
 """
@@ -52,6 +52,7 @@ _PART = re.compile(r"^conv_1X1_2\.(\d+)\.block\.0\.weight$")
 _CLASSIFIER = re.compile(r"^(\d+)\.W\.block\.(weight|bias)$")
 _PREFIXES = {"TextExtract.lstm.": "text.lstm.", "TextExtract.text_embed.": "text.backbone.",
              "ImageExtract.model.": "image.model."}
+_IMAGE_BLOCK = re.compile(r"^image\.model\.blocks\.(\d+)\.")
 _UNUSED = re.compile(r"^(pos_embed_image|ImageExtract\.model\.(norm|fc)\..+|TextExtract\.text_embed\."
                      r"(pooler\..+|embeddings\.(position_ids|token_type_ids)))$")
 
@@ -67,12 +68,11 @@ def map_official_state(network: dict[str, torch.Tensor], classifiers: dict[str, 
     """Rename/reshape official tensors to lgur names. Returns (mapped, ignored, unmapped).
 
     `ignored`: official keys no forward reads (dropped on purpose); `unmapped`: keys no rule knows.
+    Every DeiT block is mapped; `drop_unbuilt_blocks` drops the ones our backbone does not build.
     """
     out: dict[str, torch.Tensor] = {}
     ignored, unmapped = [], []
     projections: dict[int, torch.Tensor] = {}
-    image_blocks = {int(m.group(1)) for k in network if (m := re.match(r"^ImageExtract\.model\.blocks\.(\d+)\.", k))}
-    last_block = max(image_blocks) if image_blocks else None
     for key, value in network.items():
         if m := _BLOCK.match(key):
             tail = _SUBLAYER.get((m.group(3), m.group(4)))
@@ -84,7 +84,7 @@ def map_official_state(network: dict[str, torch.Tensor], classifiers: dict[str, 
             out[_PLAIN[key]] = value[0] if key in ("dict_feature", "query_embed_image") else value
         elif m := _PART.match(key):
             projections[int(m.group(1))] = value[:, :, 0, 0]
-        elif _UNUSED.match(key) or key.startswith(f"ImageExtract.model.blocks.{last_block}."):
+        elif _UNUSED.match(key):
             ignored.append(key)
         else:
             prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
@@ -105,6 +105,18 @@ def map_official_state(network: dict[str, torch.Tensor], classifiers: dict[str, 
             if by_part:
                 out[f"classifiers.{name}"] = _stack_parts(by_part, f"W {name}")
     return {k: v.contiguous() for k, v in out.items()}, sorted(ignored), sorted(unmapped)
+
+
+def drop_unbuilt_blocks(mapped: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> list[str]:
+    """Remove (in place) the official DeiT blocks beyond the last one our backbone builds (the official
+    forward runs blocks[:-1], so the 12th is never read); returns their official names."""
+    built = [int(m.group(1)) for k in own if (m := _IMAGE_BLOCK.match(k))]
+    if not built:
+        return []
+    extra = [k for k in mapped if (m := _IMAGE_BLOCK.match(k)) and int(m.group(1)) > max(built)]
+    for k in extra:
+        del mapped[k]
+    return sorted("ImageExtract.model." + k[len("image.model."):] for k in extra)
 
 
 def _infer_block(mapped: dict[str, torch.Tensor], prefix: str, heads: int, what: str) -> dict[str, int]:
@@ -181,6 +193,7 @@ def convert_official(src: str | Path, dst: str | Path, config: str | Path | None
     num_classes = mapped["classifiers.weight"].shape[1] if "classifiers.weight" in mapped else 0
     model = build_model(cfg, num_classes=num_classes, pretrained=False)
     own = model.state_dict()
+    ignored += drop_unbuilt_blocks(mapped, own)
     missing = sorted(set(own) - set(mapped))
     unexpected = sorted(set(mapped) - set(own))
     mismatched = [f"{k}: official {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
