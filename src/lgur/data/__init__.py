@@ -10,12 +10,11 @@ import importlib
 
 from lgur.data.annotations import Annotations, Problem, Problems, Record, load_annotations
 
-_LAZY = {
-    "build_loaders": "datasets", "DataLoaders": "datasets", "EvalSplit": "datasets", "TrainPairs": "datasets",
-    "EvalImages": "datasets", "EvalCaptions": "datasets", "ImageFolderSet": "datasets", "Collate": "datasets",
-    "ImageCache": "datasets", "DeviceAugment": "transforms", "build_train_transform": "transforms",
-    "build_test_transform": "transforms", "generate_synthetic": "synth",
-}
+# name -> (module, attribute) of the torch-side API, imported on first use
+_LAZY = {name: ("datasets", name) for name in ("build_loaders", "DataLoaders", "EvalSplit", "TrainPairs", "EvalImages",
+                                               "EvalCaptions", "ImageFolderSet", "Collate", "ImageCache")}
+_LAZY |= {name: ("transforms", name) for name in ("DeviceAugment", "build_train_transform", "build_test_transform")}
+_LAZY["generate_synthetic"] = ("synth", "generate")
 
 __all__ = ["Annotations", "Problem", "Problems", "Record", "load_annotations", *_LAZY]
 
@@ -23,5 +22,5 @@ __all__ = ["Annotations", "Problem", "Problems", "Record", "load_annotations", *
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'lgur.data' has no attribute '{name}'")
-    module = importlib.import_module(f"lgur.data.{_LAZY[name]}")
-    return getattr(module, "generate" if name == "generate_synthetic" else name)
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(f"lgur.data.{module}"), attr)

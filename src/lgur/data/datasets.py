@@ -195,6 +195,7 @@ class TrainPairs(_ImageDataset):
         records = _records_with_images(records, cache, "train")
         super().__init__([r.image_path for r in records], transform, cache)
         self.record_of = np.repeat(np.arange(len(records)), [len(r.captions) for r in records])
+        self.first_pair = np.concatenate([[0], np.cumsum([len(r.captions) for r in records])[:-1]]).astype(np.int64)
         self.labels = np.array([r.person_id for r in records], dtype=np.int64)[self.record_of]
         self.tokens = _tokenize([c for r in records for c in r.captions], tokenizer, max_caption_tokens, "train")
 
@@ -203,11 +204,13 @@ class TrainPairs(_ImageDataset):
 
     def __getitem__(self, i: int) -> dict:
         j = i
+        n = len(self.first_pair)
         for _ in range(_MAX_SUBSTITUTIONS):
-            image = self.load_image(int(self.record_of[j]))
+            rec = int(self.record_of[j])
+            image = self.load_image(rec)
             if image is not None:
                 return {"image": image, "input_ids": self.tokens[j], "label": int(self.labels[j]), "index": j}
-            j = (j + 7919) % len(self)  # a far-away pair, deterministic
+            j = int(self.first_pair[(rec + 1 + 7919 % max(n - 1, 1)) % n])  # another image, far away, deterministic
         raise DataError(f"{_MAX_SUBSTITUTIONS} training images in a row could not be decoded "
                         f"(last: {self.paths[self.record_of[j]]}); is the image folder complete?")
 
