@@ -1,0 +1,125 @@
+"""Multi-process training with torch.distributed: set-up from torchrun's environment, the
+autograd-aware embedding gather, clean teardown, and `lgur train --nproc N` re-launching itself.
+
+One process per device. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single
+process and every helper here is a no-op. Backend: NCCL on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lgur.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 logs, evaluates and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """cfg.device (auto | cpu | cuda | cuda:N) -> a device; `cuda` under torchrun means this rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available (use device=cpu or device=auto)")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not cpu, cuda, cuda:N or auto") from None
+
+
+def init_distributed(device_name: str) -> DistEnv:
+    """Join the process group torchrun describes (if any) and pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistEnv(rank, world, local_rank, device)
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's (b, ...) tensor into (world*b, ...), rank order. Gradients flow back:
+    autograd sums each rank's gradient of its slice from all ranks, so with DDP's averaging the
+    parameter gradient equals the single-process gradient of the loss on the global batch."""
+    with warnings.catch_warnings():  # deprecated in favour of a private API; it works on gloo and NCCL
+        warnings.simplefilter("ignore", FutureWarning)
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(t))
+
+
+def gather_labels(labels: torch.Tensor, world: int) -> torch.Tensor:
+    out = [torch.empty_like(labels) for _ in range(world)]
+    dist.all_gather(out, labels)
+    return torch.cat(out)
+
+
+def teardown(env: DistEnv) -> None:
+    """Leave the process group without the gloo teardown races (environment-details §7): the caller
+    has dropped its model/optimizer/loader references; collect them, then barrier and destroy."""
+    gc.collect()
+    if env.distributed and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """`lgur train --nproc N ...`: run `python -m lgur train ...` under torch.distributed.run."""
+    from torch.distributed.run import main as torchrun
+
+    if nproc < 2:
+        raise ConfigError(f"--nproc must be at least 2, got {nproc}")
+    args = ["--standalone", f"--nproc_per_node={nproc}", "--module", "lgur", *argv]
+    try:
+        torchrun(args)
+    except SystemExit as e:  # torchrun exits with the workers' failure code
+        return int(e.code or 0)
+    return 0
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """The command line minus `--nproc N` / `--nproc=N` (the re-launched workers must not recurse)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def program_argv() -> list[str]:
+    """The arguments after `lgur` / `python -m lgur`."""
+    return sys.argv[1:]

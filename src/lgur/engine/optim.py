@@ -1,0 +1,87 @@
+"""Optimiser and schedule of the official recipe (lgur-reference §2.2), with explicit parameter groups.
+
+Adam (no weight decay by default) over three learning rates, assigned by MODULE of the LGUR model:
+
+    optim.lr_backbone (1e-4)  image backbone (and BERT, only when it is not frozen)
+    optim.lr_heads    (1e-4)  R, Pdec, dictionary D, prototypes P, foreground gate (the official detr_lr)
+    optim.lr          (1e-3)  BiLSTM, the K part projections, the K ID classifiers
+
+A frozen text backbone has requires_grad False and is never handed to the optimiser. A trainable
+parameter under a module missing from LR_OF_MODULE is an error (never a silent default group).
+
+Schedule: MultiStepLR stepped once at the END of every epoch, so 0-based epoch e runs at
+gamma^(#milestones <= e). `optim.official_early_decay` reproduces the official script, which steps at
+the START of each epoch and so decays one epoch early (1-based epochs 20/40/50 already run at the lower
+rate): the same scheduler with every milestone moved one epoch earlier. Optional linear warm-up
+(`optim.warmup_epochs`, from 0.1x, not in the official recipe) is chained in front.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lgur.errors import ConfigError
+
+# module path inside LGUR (longest prefix wins) -> the optim.* key of its learning rate
+LR_OF_MODULE = {
+    "image": "lr_backbone",          # image backbone incl. its width projection (ResNet/CLIP/EfficientNet)
+    "text.backbone": "lr_backbone",  # BERT/MiniLM: only reaches here with model.freeze_text=false
+    "text.lstm": "lr",               # BiLSTM
+    "text.proj": "lr",               # its Linear replacement (model.lstm=false)
+    "dga": "lr_heads",               # R (recon), dictionary D, foreground gate
+    "decoder": "lr_heads",           # Pdec and the prototypes P
+    "proj": "lr",                    # the K part projections
+    "text_proj": "lr",               # the baseline's separate text projection
+    "classifiers": "lr",             # the K ID classifiers
+}
+LR_KEYS = ("lr_backbone", "lr_heads", "lr")
+
+
+def lr_key_of(name: str) -> str:
+    """The optim.* LR key of a parameter name such as 'dga.recon.layers.0.attn.to_q.weight'."""
+    parts = name.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        key = LR_OF_MODULE.get(".".join(parts[:n]))
+        if key is not None:
+            return key
+    raise ConfigError(f"parameter '{name}' belongs to no optimiser group: add its module to "
+                      "lgur.engine.optim.LR_OF_MODULE")
+
+
+def param_groups(model: nn.Module, ocfg) -> list[dict]:
+    """Adam parameter groups: one per LR key, each with its `lr`, a `name` and the parameter names."""
+    groups = {k: {"name": k, "lr": float(ocfg[k]), "params": [], "param_names": []} for k in LR_KEYS}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            group = groups[lr_key_of(name)]
+            group["params"].append(p)
+            group["param_names"].append(name)
+    return [g for g in groups.values() if g["params"]]
+
+
+def build_optimizer(model: nn.Module, ocfg) -> torch.optim.Adam:
+    """Adam with the official betas/eps and optim.weight_decay (0: the official --wd is never passed)."""
+    groups = param_groups(model, ocfg)
+    for g in groups:
+        del g["param_names"]  # names are for tests/logs; the optimizer state_dict stays plain
+    return torch.optim.Adam(groups, betas=tuple(ocfg.betas), eps=float(ocfg.eps),
+                            weight_decay=float(ocfg.weight_decay))
+
+
+def effective_milestones(ocfg) -> list[int]:
+    """0-based epochs at whose start the LR has been multiplied by gamma once more."""
+    milestones = sorted(int(m) for m in ocfg.milestones)
+    if any(m < 1 for m in milestones):
+        raise ConfigError(f"optim.milestones must be epochs >= 1, got {list(ocfg.milestones)}")
+    return [m - 1 for m in milestones] if ocfg.official_early_decay else milestones
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, ocfg) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule (call .step() after each epoch): optional warm-up, then MultiStepLR."""
+    steps = torch.optim.lr_scheduler.MultiStepLR(optimizer, effective_milestones(ocfg), gamma=float(ocfg.gamma))
+    warmup = int(ocfg.warmup_epochs)
+    if warmup <= 0:
+        return steps
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
+    return torch.optim.lr_scheduler.ChainedScheduler([ramp, steps], optimizer=optimizer)
+

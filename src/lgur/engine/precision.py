@@ -1,0 +1,47 @@
+"""Mixed precision (`train.amp`): which autocast dtype a run uses, and the fp16 loss scaler.
+
+    auto  CUDA: bf16 where the GPU supports it, else fp16 + GradScaler. CPU: off — measured with
+          bench/train_step.py on the 2-core CPU target, bf16 autocast is slower there than fp32
+          (no native bf16 matmul units), so auto never picks it on a CPU.
+    bf16  autocast to bfloat16 (no scaler needed)
+    fp16  autocast to float16 + torch.amp.GradScaler (CUDA only)
+    off   float32
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from lgur.errors import ConfigError
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def resolve_amp(mode: str | bool | None, device: torch.device) -> torch.dtype | None:
+    """train.amp -> the autocast dtype, or None for float32. YAML reads a bare `off` as False."""
+    mode = "off" if mode in (False, None) else mode
+    if mode not in AMP_MODES:
+        raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, got {mode!r}")
+    cuda = device.type == "cuda"
+    if mode == "auto":
+        if not cuda:
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mode == "fp16" and not cuda:
+        raise ConfigError("train.amp=fp16 needs a CUDA device (use bf16 or off on a CPU)")
+    if mode == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.amp=bf16: this GPU has no bfloat16 support (use fp16 or auto)")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast for the dtype, or a no-op context for float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16 (a disabled scaler passes step/backward through)."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

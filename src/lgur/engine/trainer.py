@@ -1,0 +1,392 @@
+"""Training: `train(cfg)` builds everything, runs the epochs, evaluates, selects, checkpoints, reports.
+
+The loop itself is `Trainer.train_epoch` (one screen); the rest are helpers around it:
+
+    TrainStep    one optimisation step (autocast, optional cross-rank embedding gather, backward, step)
+    EpochSampler the shuffled order of an epoch for this rank, as (epoch, index) keys, startable mid-epoch
+    SeededPairs  seeds the augmentation of every training item from (seed, epoch, index), so the pixels
+                 of an epoch do not depend on loader workers, their persistence, or an interruption
+
+Model selection: t2i R@1 on `eval.select_on` (val by default; test is the official protocol and the
+only choice for datasets without a val split, e.g. ICFG-PEDES). With val selection the selected
+weights are evaluated once on test at the end. results.json and the final table name the split.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from lgur.config import save_config
+from lgur.engine.distributed import DistEnv, barrier, gather_labels, gather_with_grad, init_distributed, teardown
+from lgur.engine.evaluation import evaluate, flatten, format_table
+from lgur.engine.monitor import Monitor, setup_logging
+from lgur.engine.optim import build_optimizer, build_scheduler
+from lgur.engine.precision import autocast, grad_scaler, resolve_amp
+from lgur.engine.state import capture_rng, load_state, restore_rng, save_checkpoint, seed_everything
+from lgur.errors import ConfigError
+
+log = logging.getLogger("lgur.engine")
+SELECT_METRIC = ("t2i", "R@1")
+
+
+class SeededPairs(Dataset):
+    """Wraps the training dataset: item (epoch, i) is dataset[i] drawn under torch.manual_seed of
+    (seed, epoch, i), inside fork_rng so the caller's RNG stream is untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, i)) & (2**63 - 1))
+            return self.dataset[i]
+
+
+class EpochSampler(DistributedSampler):
+    """This rank's share of the epoch's shuffled order (seed + epoch), as (epoch, index) keys;
+    `start` skips the samples an interrupted run already trained on."""
+
+    def __init__(self, dataset: Dataset, world: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start:]])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def resumable_train_loader(loaders, env: DistEnv, seed: int) -> DataLoader:
+    """The data area's train loader rebuilt over SeededPairs + EpochSampler (same batch size, workers,
+    collate); installed into `loaders` so that loaders.set_epoch() drives the new sampler."""
+    old = loaders.train
+    sampler = EpochSampler(loaders.train_set, env.world, env.rank, seed)
+    loaders.train = DataLoader(SeededPairs(loaders.train_set, seed), batch_size=old.batch_size, sampler=sampler,
+                               drop_last=True, collate_fn=old.collate_fn, num_workers=old.num_workers,
+                               pin_memory=old.pin_memory, persistent_workers=old.persistent_workers,
+                               generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
+    loaders.sampler = sampler
+    return loaders.train
+
+
+@dataclass
+class TrainStep:
+    """One optimisation step on a batch; returns the criterion's logged terms as device tensors (no sync).
+
+    With `gather` (DDP + train.gather_embeddings) the branch embeddings and labels of all ranks are
+    concatenated before the loss, so ranking negatives and ID terms see the global batch; the loss is
+    computed in float32 outside autocast."""
+
+    model: torch.nn.Module          # maybe DDP-wrapped / compiled: what the forward runs
+    core: torch.nn.Module           # the plain LGUR (classifiers, encode_*)
+    criterion: object
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    gather_world: int = 1           # > 1: gather embeddings across this many ranks
+    grad_clip: float | None = None
+
+    def __call__(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast(self.device, self.dtype):
+            outputs = self.model(images, input_ids, attention_mask)
+        outputs = {k: v.float() for k, v in outputs.items()}
+        if self.gather_world > 1:
+            outputs = {k: gather_with_grad(v) for k, v in outputs.items()}
+            labels = gather_labels(labels, self.gather_world)
+        loss, logged = self.criterion(outputs, labels, self.core)
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler = self.scaler or grad_scaler(self.device, None)
+        scaler.scale(loss).backward()
+        if self.grad_clip:
+            scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.core.parameters(), self.grad_clip)
+        scaler.step(self.optimizer)
+        scaler.update()
+        return logged
+
+
+@dataclass
+class Trainer:
+    """Everything one run holds, and the epoch loop."""
+
+    cfg: object
+    env: DistEnv
+    run_dir: Path | None            # None on ranks > 0
+    step_fn: TrainStep
+    scheduler: object
+    loaders: object
+    monitor: Monitor
+    num_classes: int
+    epoch: int = 0                  # next epoch to run (0-based)
+    step_in_epoch: int = 0          # batches of `epoch` already trained (a mid-epoch resume)
+    global_step: int = 0
+    best: dict = field(default_factory=lambda: {"epoch": None, "score": float("-inf"), "metrics": None})
+    history: list = field(default_factory=list)
+    augment_state: torch.Tensor | None = None  # DeviceAugment generator state of a mid-epoch resume
+
+    @property
+    def core(self) -> torch.nn.Module:
+        return self.step_fn.core
+
+    def steps_per_epoch(self) -> int:
+        cap = self.cfg.train.max_steps_per_epoch
+        n = self.loaders.sampler.num_samples // self.loaders.train.batch_size
+        return min(n, int(cap)) if cap else n
+
+    def train_epoch(self) -> dict[str, float]:
+        """Train `self.epoch` from `self.step_in_epoch` on; returns the epoch's mean logged terms."""
+        tc, dev, prepare = self.cfg.train, self.env.device, self.loaders.prepare
+        self.core.train()
+        self.loaders.set_epoch(self.epoch)
+        if self.augment_state is not None:  # mid-epoch resume: continue the epoch's augmentation stream
+            self.loaders.augment.generator(dev).set_state(self.augment_state)
+            self.augment_state = None
+        self.loaders.sampler.start = self.step_in_epoch * self.loaders.train.batch_size
+        total, window, t_window, n_window, first = {}, {}, time.perf_counter(), 0, self.step_in_epoch
+        n_steps = self.steps_per_epoch()
+        bar = tqdm(total=n_steps, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}",
+                   unit="step", disable=not self.env.main, dynamic_ncols=True)
+        for batch in self.loaders.train:
+            if self.step_in_epoch >= n_steps:
+                break
+            labels = batch["labels"].to(dev, non_blocking=True)
+            logged = self.step_fn(prepare(batch["images"].to(dev, non_blocking=True), True),
+                                  batch["input_ids"].to(dev, non_blocking=True),
+                                  batch["attention_mask"].to(dev, non_blocking=True), labels)
+            for k, v in logged.items():  # device tensors: no host sync on the hot path
+                total[k] = total.get(k, 0.0) + v
+                window[k] = window.get(k, 0.0) + v
+            self.step_in_epoch, self.global_step, n_window = self.step_in_epoch + 1, self.global_step + 1, n_window + 1
+            bar.update()
+            if self.global_step % tc.log_every == 0 or self.step_in_epoch == n_steps:
+                t_window, n_window = self.log_window(window, n_window, bar, t_window), 0
+            if tc.save_every_steps and self.global_step % tc.save_every_steps == 0 and self.step_in_epoch < n_steps:
+                self.save("last")
+        bar.close()
+        return {k: float(v) / max(self.step_in_epoch - first, 1) for k, v in total.items()}
+
+    def log_window(self, window: dict, steps: int, bar, since: float) -> float:
+        """The periodic CPU sync: mean terms of the last `steps` steps -> tqdm, train.log, TensorBoard."""
+        values = dict(zip(window, torch.stack([torch.as_tensor(v) for v in window.values()]).tolist()))
+        now = time.perf_counter()
+        pairs = steps * self.loaders.train.batch_size * self.env.world / max(now - since, 1e-9)
+        means = {k: v / steps for k, v in values.items()}
+        bar.set_postfix(loss=f"{means.get('loss', float('nan')):.3f}", pairs_s=f"{pairs:.1f}")
+        if self.env.main:
+            log.info("epoch %d step %d/%d (global %d): %s | %.1f pairs/s", self.epoch + 1, self.step_in_epoch,
+                     self.steps_per_epoch(), self.global_step,
+                     " ".join(f"{k}={v:.4f}" for k, v in means.items()), pairs)
+            self.monitor.scalars({f"train/{k}": v for k, v in means.items()} | {"train/pairs_per_s": pairs},
+                                 self.global_step)
+        window.clear()
+        return now
+
+    # ---- evaluation, selection, checkpoints
+    def select_split(self):
+        return self.loaders.val if self.cfg.eval.select_on == "val" else self.loaders.test
+
+    def evaluate(self, split) -> dict[str, dict[str, float]]:
+        ec = self.cfg.eval
+        directions = tuple(dict.fromkeys(("t2i", *ec.directions)))  # t2i always: it selects the model
+        return evaluate(self.core, split, self.env.device, self.step_fn.dtype, self.loaders.prepare,
+                        directions, ec.chunk_size, progress=self.env.main)
+
+    def state(self) -> dict:
+        s = self.step_fn
+        augment = self.loaders.augment
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.global_step,
+                "optimizer": s.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": s.scaler.state_dict() if s.scaler is not None else {},
+                "criterion": s.criterion.state_dict(), "rng": capture_rng(),
+                "augment": augment.generator(self.env.device).get_state() if augment is not None else None,
+                "best": self.best, "history": self.history}
+
+    def load(self, state: dict) -> None:
+        s = self.step_fn
+        s.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if s.scaler is not None and state["scaler"]:
+            s.scaler.load_state_dict(state["scaler"])
+        s.criterion.load_state_dict(state["criterion"])
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["step"]
+        self.best, self.history = state["best"], state["history"]
+        restore_rng(state["rng"])
+        if self.env.rank > 0:  # only rank 0's streams were saved: give the others their own again
+            torch.manual_seed(hash((self.cfg.seed, self.env.rank, self.global_step)) & (2**63 - 1))
+        if self.loaders.augment is not None and self.step_in_epoch and self.env.rank == 0:
+            self.augment_state = state["augment"]
+
+    def save(self, tag: str) -> None:
+        if self.env.main:
+            save_checkpoint(self.run_dir, tag, self.core, self.cfg, self.num_classes, self.state())
+
+    def end_epoch(self, train_terms: dict[str, float]) -> None:
+        """Schedule step, evaluation + selection (rank 0), CSV/TensorBoard row, checkpoints."""
+        ec, epoch = self.cfg.eval, self.epoch
+        lrs = {f"lr/{g['name']}": g["lr"] for g in self.step_fn.optimizer.param_groups}
+        self.scheduler.step()
+        self.epoch, self.step_in_epoch = epoch + 1, 0
+        row = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in train_terms.items()}, **lrs}
+        last = self.epoch == self.cfg.optim.epochs
+        if self.env.main and ((epoch + 1) % ec.every == 0 or last):
+            split = self.select_split()
+            metrics = self.evaluate(split)
+            row.update(flatten(metrics, split.name))
+            score = metrics[SELECT_METRIC[0]][SELECT_METRIC[1]]
+            log.info("epoch %d %s:\n%s", epoch + 1, split.name, format_table({split.name: metrics}))
+            if score > self.best["score"]:
+                self.best = {"epoch": epoch + 1, "score": score, "metrics": metrics}
+                log.info("epoch %d: new best %s %s %s = %.2f%%", epoch + 1, split.name, *SELECT_METRIC, 100 * score)
+                self.save("best")
+        self.history.append(row)
+        if self.env.main:
+            self.monitor.epoch_row(row)
+            self.monitor.scalars({k: v for k, v in row.items() if k != "epoch"}, self.global_step)
+            if (epoch + 1) % self.cfg.train.save_every == 0 or last:
+                self.save("last")
+        barrier(self.env)
+
+    def fit(self) -> dict | None:
+        """Run the remaining epochs; rank 0 returns the final report (results.json)."""
+        while self.epoch < self.cfg.optim.epochs:
+            self.end_epoch(self.train_epoch())
+        return self.report() if self.env.main else None
+
+    def report(self) -> dict:
+        """Best epoch with its selection-split and test metrics -> results.json, table, curves.png."""
+        split = self.cfg.eval.select_on
+        if split == "val":
+            from safetensors.torch import load_file
+
+            self.core.load_state_dict(load_file(str(self.run_dir / "best.safetensors")))
+            log.info("evaluating the selected weights (epoch %d) on test", self.best["epoch"])
+            test = self.evaluate(self.loaders.test)
+        else:
+            test = self.best["metrics"]
+        results = {"selected_on": split, "selection_metric": " ".join(SELECT_METRIC), "best_epoch": self.best["epoch"],
+                   "epochs": self.cfg.optim.epochs, "val": self.best["metrics"] if split == "val" else None,
+                   "test": test, "checkpoint": str(self.run_dir / "best.safetensors"), "run_dir": str(self.run_dir)}
+        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        rows = {"val": results["val"], "test": test} if split == "val" else {"test": test}
+        log.info("best epoch %d of %d, selected on %s by t2i R@1 (%s):\n%s", results["best_epoch"],
+                 results["epochs"], split, "the official protocol" if split == "test" else "test never seen",
+                 format_table(rows))
+        self.monitor.plot()
+        return results
+
+
+def new_run_dir(cfg) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+    n = 1
+    while run.exists():
+        n += 1
+        run = Path(cfg.output_dir) / f"{cfg.name}-{stamp}-{n}"
+    return run
+
+
+def check_selection(cfg, annotations) -> None:
+    """Refuse val selection on a dataset without a val split (ICFG-PEDES) before anything is built."""
+    if cfg.eval.select_on not in ("val", "test"):
+        raise ConfigError(f"eval.select_on must be val or test, got {cfg.eval.select_on!r}")
+    if cfg.eval.select_on == "val" and not annotations.val:
+        raise ConfigError(f"{annotations.annotation_file.name} ({annotations.layout}) has no val split, so the model "
+                          "cannot be selected on val: pass eval.select_on=test (the official protocol: "
+                          "best epoch on the test split, which makes the test numbers optimistic)")
+
+
+def build_trainer(cfg, env: DistEnv, run_dir: Path | None, resume_state: dict | None = None,
+                  resume_weights: Path | None = None) -> Trainer:
+    """Data, model, loss, optimiser, schedule, AMP, DDP/compile, and the resumed state if any."""
+    from lgur.data.annotations import load_annotations
+    from lgur.data.datasets import build_loaders
+    from lgur.losses import build_criterion
+    from lgur.models import build_model
+
+    dc = cfg.data
+    if not dc.root:
+        raise ConfigError("no dataset: pass --data-root DIR (or data.root=DIR)")
+    ann = load_annotations(dc.root, dc.skip_train_ids, dc.max_bad_fraction)
+    check_selection(cfg, ann)
+    if env.main:
+        log.info("data %s (%s): %s; %d train ids", dc.root, ann.layout, ann.counts(), ann.num_train_ids)
+    seed_everything(cfg.seed + env.rank)
+    core = build_model(cfg, ann.num_train_ids, pretrained=resume_weights is None)
+    if resume_weights is not None:
+        from safetensors.torch import load_file
+
+        core.load_state_dict(load_file(str(resume_weights)))
+    core.to(env.device)
+    loaders = build_loaders(cfg, ann, core.tokenizer, core.image_mean, core.image_std,
+                            distributed=env.distributed, progress=env.main)
+    resumable_train_loader(loaders, env, cfg.seed)
+    optimizer = build_optimizer(core, cfg.optim)
+    dtype = resolve_amp(cfg.train.amp, env.device)
+    model = core
+    if env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            core, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    step = TrainStep(model, core, build_criterion(cfg), optimizer, env.device, dtype, grad_scaler(env.device, dtype),
+                     env.world if env.distributed and cfg.train.gather_embeddings else 1, cfg.optim.grad_clip)
+    trainer = Trainer(cfg, env, run_dir, step, build_scheduler(optimizer, cfg.optim), loaders,
+                      Monitor(run_dir if env.main else None), ann.num_train_ids)
+    if resume_state is not None:
+        trainer.load(resume_state)
+    if env.main:
+        n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
+        log.info("model %s/%s: %.2fM parameters, %.2fM trainable; amp=%s; %d process(es) x batch %d; "
+                 "%d steps/epoch", cfg.model.image_backbone, cfg.model.text_backbone,
+                 sum(p.numel() for p in core.parameters()) / 1e6, n_train / 1e6, dtype or "off", env.world,
+                 loaders.train.batch_size, trainer.steps_per_epoch())
+        report = loaders.report()
+        if report:
+            log.warning("data: %s", report)
+    return trainer
+
+
+def train(cfg, resume_dir: Path | None = None) -> dict | None:
+    """Train per cfg (a new run folder) or continue the run in resume_dir. Rank 0 returns results.json's
+    content. Under torchrun every rank calls this; the process group is joined and left here."""
+    env = init_distributed(cfg.device)
+    try:
+        return _train(cfg, env, resume_dir)
+    finally:
+        teardown(env)
+
+
+def _train(cfg, env: DistEnv, resume_dir: Path | None) -> dict | None:
+    run_dir = resume_dir or new_run_dir(cfg)
+    if env.distributed and resume_dir is None:  # every rank uses rank 0's folder name
+        names = [str(run_dir)]
+        torch.distributed.broadcast_object_list(names, src=0)
+        run_dir = Path(names[0])
+    if env.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    setup_logging(run_dir / "train.log" if env.main else None)
+    state, weights = load_state(run_dir) if resume_dir is not None else (None, None)
+    trainer = build_trainer(cfg, env, run_dir if env.main else None, state, weights)
+    if env.main:
+        log.info("run folder %s%s", run_dir, f" (resumed at epoch {trainer.epoch + 1}, step "
+                 f"{trainer.step_in_epoch})" if state else "")
+    try:
+        return trainer.fit()
+    finally:
+        trainer.monitor.close()
