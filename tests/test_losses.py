@@ -212,3 +212,14 @@ def test_criterion_refuses_bad_options_and_missing_pieces():
         criterion(_outputs(["V_re", "T_re"]), torch.arange(6), _Holder(PartClassifier(3, 8, 6)))
     with pytest.raises(ValueError, match="num_classes=0"):
         criterion(_outputs(["V_g", "V_re", "T", "T_re"]), torch.arange(6), _Holder(None))
+
+
+def test_criterion_computes_in_float32_under_autocast():
+    cfg = load_config("configs/lgur_tiny.yaml")
+    outputs = _outputs(["V_g", "V_re", "T", "T_re"])
+    labels = torch.tensor([0, 0, 1, 1, 2, 3])
+    model = _Holder(PartClassifier(3, 8, 4))
+    plain, _ = build_criterion(cfg)(outputs, labels, model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp, _ = build_criterion(cfg)(outputs, labels, model)
+    assert amp.dtype == torch.float32 and torch.equal(amp, plain)

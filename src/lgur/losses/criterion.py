@@ -81,6 +81,14 @@ class LGURCriterion:
         if missing:
             raise ValueError(f"model outputs lack branches {missing} needed by the loss; model and loss "
                              "must be built from the same config")
+        # the loss math runs in float32 even inside the engine's autocast region: bf16 logits over
+        # thousands of identities and bf16 cosines near the margin would change which negatives count
+        with torch.autocast(labels.device.type, enabled=False):
+            total, logged = self._terms(outputs, labels, model)
+        return total, {k: v.detach() for k, v in logged.items()}
+
+    def _terms(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor,
+               model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logged: dict[str, torch.Tensor] = {}
         total = 0.0
         id_terms = [t for t in self.terms if t.kind == "id"]
@@ -89,7 +97,7 @@ class LGURCriterion:
             if classifiers is None:
                 raise ValueError("the model has no ID classifiers (built with num_classes=0)")
             keys = list(dict.fromkeys(k for t in id_terms for k in (t.a, t.b)))
-            ce, acc = part_id_losses(classifiers, [outputs[k] for k in keys], labels)
+            ce, acc = part_id_losses(classifiers, [outputs[k].float() for k in keys], labels)
             ce_of, acc_of = dict(zip(keys, ce)), dict(zip(keys, acc))
             for t in id_terms:
                 logged[t.name] = (ce_of[t.a] + ce_of[t.b]).mean()
@@ -105,7 +113,7 @@ class LGURCriterion:
         for t in self.terms:
             total = total + self.weights[t.kind] * logged[t.name]
         logged["loss"] = total
-        return total, {k: v.detach() for k, v in logged.items()}
+        return total, logged
 
 
 def build_criterion(cfg) -> LGURCriterion:
