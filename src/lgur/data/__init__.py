@@ -11,8 +11,9 @@ import importlib
 from lgur.data.annotations import Annotations, Problem, Problems, Record, load_annotations
 
 # name -> (module, attribute) of the torch-side API, imported on first use
-_LAZY = {name: ("datasets", name) for name in ("build_loaders", "DataLoaders", "EvalSplit", "TrainPairs", "EvalImages",
-                                               "EvalCaptions", "ImageFolderSet", "Collate", "ImageCache")}
+_LAZY = {name: ("datasets", name) for name in ("build_loaders", "build_eval_split", "DataLoaders", "EvalSplit",
+                                               "TrainPairs", "EvalImages", "EvalCaptions", "ImageFolderSet",
+                                               "Collate", "ImageCache")}
 _LAZY |= {name: ("transforms", name) for name in ("DeviceAugment", "build_train_transform", "build_test_transform")}
 _LAZY["generate_synthetic"] = ("synth", "generate")
 

@@ -344,19 +344,31 @@ class DataLoaders:
         return "\n".join(lines)
 
 
-def _eval_split(name: str, records: list[Record], tokenizer, cfg, mean, std, cache: ImageCache | None,
-                collate: Collate, workers: dict) -> EvalSplit:
+def _loader_options(cfg, cache: ImageCache | None) -> dict:
+    """Worker settings of the image loaders. With the cache an item is a tensor slice: worker processes
+    would only add overhead, so it is loaded in the main process."""
+    dc = cfg.data
+    n = 0 if cache is not None else int(dc.num_workers)
+    return dict(num_workers=n, pin_memory=bool(dc.pin_memory) and torch.cuda.is_available(),
+                persistent_workers=bool(dc.persistent_workers) and n > 0)
+
+
+def build_eval_split(name: str, records: list[Record], tokenizer, cfg, mean: Sequence[float], std: Sequence[float],
+                     cache: ImageCache | None = None, batch_size: int | None = None) -> EvalSplit:
+    """Gallery images + query captions of any records (e.g. another dataset's test split for
+    cross-domain evaluation), prepared with the test transform (or from `cache`) and the tokenizer."""
     dc = cfg.data
     if cache is None:
         images = EvalImages(records, transform=build_test_transform(dc.image_size, mean, std, dc.interpolation),
                             blank=torch.zeros(3, *dc.image_size))
-    else:
+    else:  # blank = the mean colour, which normalises to zeros like the uncached blank
         blank = (torch.tensor(mean) * 255).round().to(torch.uint8).view(3, 1, 1).expand(3, *dc.image_size).clone()
         images = EvalImages(records, cache=cache, blank=blank)
     captions = EvalCaptions(records, tokenizer, dc.max_caption_tokens, name)
-    bs = cfg.eval.batch_size
+    collate = Collate(tokenizer.pad_token_id)
+    bs = batch_size or cfg.eval.batch_size
     return EvalSplit(name, images, captions,
-                     DataLoader(images, batch_size=bs, shuffle=False, collate_fn=collate, **workers),
+                     DataLoader(images, batch_size=bs, shuffle=False, collate_fn=collate, **_loader_options(cfg, cache)),
                      DataLoader(captions, batch_size=bs, shuffle=False, collate_fn=collate))
 
 
@@ -383,10 +395,6 @@ def build_loaders(cfg, annotations: Annotations, tokenizer, mean: Sequence[float
         transform = build_train_transform(dc.image_size, mean, std, dc.pad, dc.flip, dc.interpolation)
         train_set = TrainPairs(annotations.train, tokenizer, dc.max_caption_tokens, transform=transform)
 
-    # with the cache an item is a tensor slice: worker processes would only add overhead
-    n_workers = 0 if cache is not None else int(dc.num_workers)
-    workers = dict(num_workers=n_workers, pin_memory=bool(dc.pin_memory) and torch.cuda.is_available(),
-                   persistent_workers=bool(dc.persistent_workers) and n_workers > 0)
     sampler = None
     if distributed:
         sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -394,9 +402,9 @@ def build_loaders(cfg, annotations: Annotations, tokenizer, mean: Sequence[float
     else:
         order = dict(shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
     train = DataLoader(train_set, batch_size=cfg.optim.batch_size // world, drop_last=True, collate_fn=collate,
-                       **order, **workers)
+                       **order, **_loader_options(cfg, cache))
     if len(train) == 0:
         raise DataError(f"{len(train_set)} training captions make no full batch of {cfg.optim.batch_size // world}")
-    val = _eval_split("val", annotations.val, tokenizer, cfg, mean, std, cache, collate, workers) if annotations.val else None
-    test = _eval_split("test", annotations.test, tokenizer, cfg, mean, std, cache, collate, workers)
+    val = build_eval_split("val", annotations.val, tokenizer, cfg, mean, std, cache) if annotations.val else None
+    test = build_eval_split("test", annotations.test, tokenizer, cfg, mean, std, cache)
     return DataLoaders(train, train_set, val, test, augment, sampler, cache)
