@@ -202,13 +202,13 @@ def test_training_steps_lower_the_loss(tiny_cfg):
     criterion = build_criterion(tiny_cfg)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(12):
+    for _ in range(8):
         loss, logged = criterion(model(images, tok["input_ids"], tok["attention_mask"]), LABELS, model)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert losses[-1] < 0.65 * losses[0], losses
     assert logged["id_dict"] < math.log(4) * 2  # ID terms below chance (2 ln C)
 
 
