@@ -24,7 +24,7 @@ def model_cfg(**over):
 
 @pytest.mark.parametrize("name, dim, tokens", [
     ("vit_tiny", 64, 32), ("deit_small", 384, 32), ("resnet50", 64, 32),
-    ("efficientnet_lite0", 64, 8), ("clip_vit_b16", 64, 32),
+    ("efficientnet_lite0", 64, 8),  # clip_vit_b16: test_clip_checkpoint_resized_and_head_ignored
 ])
 def test_image_backbone_token_shapes(name, dim, tokens):
     bb = build_image_backbone(model_cfg(image_backbone=name, dim=dim), (128, 64), pretrained=False).eval()
@@ -110,13 +110,15 @@ def test_clip_checkpoint_resized_and_head_ignored(tmp_path):
     src = timm.create_model("vit_base_patch16_clip_quickgelu_224", pretrained=False, num_classes=512)
     path = tmp_path / "clip.safetensors"
     save_file(src.state_dict(), str(path))
-    bb = build_image_backbone(model_cfg(image_backbone="clip_vit_b16", image_weights=str(path)), (64, 32),
+    bb = build_image_backbone(model_cfg(image_backbone="clip_vit_b16", image_weights=str(path), dim=64), (64, 32),
                               pretrained=True)
     got = bb.model.state_dict()
     assert got["pos_embed"].shape == (1, 1 + 4 * 2, 768)
     assert torch.equal(got["blocks.11.mlp.fc1.weight"], src.state_dict()["blocks.11.mlp.fc1.weight"])
     assert torch.equal(got["pos_embed"][:, 0], src.pos_embed[:, 0].detach())  # CLS row kept
     assert bb.mean[0] == pytest.approx(0.48145466)
+    with torch.no_grad():
+        assert bb.eval()(torch.randn(2, 3, 64, 32)).shape == (2, 8, 64)
 
 
 def test_resnet50_checkpoint_fc_ignored(tmp_path):
@@ -227,6 +229,22 @@ def test_no_lstm_uses_masked_projection():
     n0 = int(mask[0].sum())
     assert out.shape == (2, ids.shape[1], 16) and out[0, n0:].abs().max() == 0
     assert out[0, :n0].abs().amax(-1).min() > 0
+
+
+def test_text_encoder_under_autocast(tiny_text):
+    ids, mask = _batch(tiny_text, CAPTIONS)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_text.eval()(ids, mask)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()  # BiLSTM kept in its weights' dtype
+
+
+def test_text_weights_and_tokenizer_errors(tmp_path):
+    with pytest.raises(WeightsError, match="not a Hugging Face model folder"):
+        build_text_encoder(model_cfg(text_weights=str(tmp_path)), pretrained=True)
+    with pytest.raises(WeightsError, match="model.tokenizer: folder not found"):
+        build_text_encoder(model_cfg(text_backbone="bert_tiny", tokenizer=str(tmp_path / "none")), pretrained=False)
+    with pytest.raises(ConfigError, match="text_backbone"):
+        build_text_encoder(model_cfg(text_backbone="gpt"), pretrained=False)
 
 
 def test_minilm_loads_real_weights():

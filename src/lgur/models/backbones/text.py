@@ -131,8 +131,12 @@ class TextEncoder(nn.Module):
         if not hasattr(self, "lstm"):
             mask = torch.arange(longest) < lengths[:, None]
             return self.proj(hidden) * mask.to(hidden.device, hidden.dtype)[..., None]
-        packed = pack_padded_sequence(hidden, lengths, batch_first=True, enforce_sorted=False)
-        out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=longest)
+        # the recurrence runs in the LSTM's own dtype, outside autocast: cuDNN's reduced-precision RNN
+        # support varies by version, and this one layer is cheap next to BERT
+        with torch.autocast(hidden.device.type, enabled=False):
+            x = hidden.to(self.lstm.weight_ih_l0.dtype)
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=longest)
         return (out[..., :self.dim] + out[..., self.dim:]) / 2
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
