@@ -297,7 +297,7 @@ def _draw_person(d: ImageDraw.ImageDraw, b: _Body, a: dict, rng: np.random.Gener
     stance = rng.uniform(0.0, 0.06)
     swing = rng.uniform(0.02, 0.09, 2)
     utype, ltype = a["upper_type"], a["lower_type"]
-    hem = {"coat": 0.66, "jacket": 0.5, "hoodie": 0.5}.get(utype, 0.48)
+    hem = {"coat": 0.6, "jacket": 0.5, "hoodie": 0.5}.get(utype, 0.48)
 
     # behind the body: long hair, hood, backpack seen from the front
     if a["hair_style"] == "long":
@@ -309,7 +309,7 @@ def _draw_person(d: ImageDraw.ImageDraw, b: _Body, a: dict, rng: np.random.Gener
 
     # legs: (hip x, ankle x) per leg; the lower garment covers them down to `cover`
     legs = [(-hw * 0.5, -hw * 0.5 - stance), (hw * 0.5, hw * 0.5 + stance)]
-    cover = {"trousers": ya, "shorts": 0.63}.get(ltype, 0.0)
+    cover = {"trousers": ya, "shorts": 0.65}.get(ltype, 0.0)
     for x0, x1 in legs:
         b.poly(d, _limb(x0, yh - 0.03, x1, ya, 0.085 * k, 0.05), skin)
         if cover:
@@ -324,7 +324,7 @@ def _draw_person(d: ImageDraw.ImageDraw, b: _Body, a: dict, rng: np.random.Gener
         b.ellipse(d, x1 - 0.035, 0.945, x1 + 0.04, 0.995, shoes)
     # skirts over the legs
     if ltype in ("skirt", "long skirt"):
-        end, flare = (0.69, 0.05) if ltype == "skirt" else (0.9, 0.07)
+        end, flare = (0.71, 0.05) if ltype == "skirt" else (0.9, 0.07)
         b.poly(d, [(-hw * 0.95, yw), (hw * 0.95, yw), (hw + flare, end), (-hw - flare, end)], lower)
 
     # neck and torso garment
@@ -405,7 +405,7 @@ def render(a: dict, rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE
     body = _Body(w / 2 + rng.uniform(-0.1, 0.1) * w, top, height)
     _draw_person(ImageDraw.Draw(canvas), body, a, rng)
     img = np.asarray(canvas.resize((size[1], size[0]), Image.BOX), dtype=np.float32)
-    gain = rng.uniform(0.72, 1.22) * rng.uniform(0.93, 1.07, 3)  # brightness and colour cast
+    gain = rng.uniform(0.72, 1.22) * rng.uniform(0.95, 1.05, 3)  # brightness and colour cast
     contrast = rng.uniform(0.8, 1.15)
     img = (img - img.mean()) * contrast + img.mean()
     img = img * gain.astype(np.float32) + rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(1, 6)
