@@ -185,12 +185,6 @@ def test_gradients_reach_every_trainable_group_but_not_frozen_bert(tiny, tiny_cf
                    "decoder.block.", "proj.", "classifiers."):
         norm = sum(p.grad.norm() for n, p in model.named_parameters() if n.startswith(prefix))
         assert norm > 0, prefix
-    groups = model.parameter_groups()
-    ids_in_groups = [id(p) for ps in groups.values() for p in ps]
-    trainable = [id(p) for p in model.parameters() if p.requires_grad]
-    assert sorted(ids_in_groups) == sorted(trainable)
-    assert {id(p) for p in groups["lr"]} == {id(p) for n, p in model.named_parameters()
-                                             if n.startswith(("text.lstm.", "proj.", "classifiers."))}
     model.zero_grad(set_to_none=True)
 
 

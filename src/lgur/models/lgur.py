@@ -171,27 +171,6 @@ class LGUR(nn.Module):
         device = next(self.parameters()).device
         return self.encode_texts(batch["input_ids"].to(device), batch["attention_mask"].to(device))
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters keyed by the optim.* learning-rate key that applies to them.
-
-        Official recipe: backbone 1e-4 (lr_backbone); BiLSTM, part projections, classifiers 1e-3 (lr);
-        R, Pdec, dictionary, prototypes, gate 1e-4 (lr_heads). An unfrozen BERT goes with the backbone.
-        """
-        groups: dict[str, list[nn.Parameter]] = {"lr_backbone": [], "lr": [], "lr_heads": []}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if name.startswith("image."):
-                key = "lr_backbone"
-            elif name.startswith("text."):
-                key = "lr" if name.startswith("text.lstm.") else "lr_backbone"
-            elif name.startswith(("proj.", "text_proj.", "classifiers.")):
-                key = "lr"
-            else:
-                key = "lr_heads"
-            groups[key].append(p)
-        return groups
-
 
 def build_model(cfg, num_classes: int, pretrained: bool = True) -> LGUR:
     """The model described by cfg.model (backbones from lgur.models.backbones). num_classes=0: no classifiers."""
