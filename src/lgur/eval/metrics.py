@@ -160,7 +160,9 @@ def _accumulate(blocks: Callable[[slice], torch.Tensor], shape: tuple[int, int],
     for start in tqdm(starts, desc="retrieval metrics", unit="chunk", disable=not progress, leave=False):
         rows = slice(start, min(start + chunk_size, num_queries))
         block = blocks(rows)
-        if not bool(torch.isfinite(block).all()):
+        # a finite sum proves every score finite and costs ~1/50 of torch.isfinite over the block on
+        # CPU; only a non-finite sum (NaN/inf, or overflow of huge scores) needs the exact check
+        if not bool(torch.isfinite(block.sum())) and not bool(torch.isfinite(block).all()):
             raise LgurError(f"non-finite similarity scores for queries {rows.start}..{rows.stop - 1}: "
                             "the embeddings contain NaN/inf (diverged model or corrupt features)")
         if exclude is not None:
