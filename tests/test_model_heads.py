@@ -80,7 +80,8 @@ def test_cross_attention_block_structure_and_residual():
     # residual: zeroing the output projections and the FFN makes the block the identity
     with torch.no_grad():
         for lay in block.layers:
-            lay.attn.to_out.weight.zero_(), lay.attn.to_out.bias.zero_(), lay.ffn.fc2.weight.zero_(), lay.ffn.fc2.bias.zero_()
+            for p in (lay.attn.to_out.weight, lay.attn.to_out.bias, lay.ffn.fc2.weight, lay.ffn.fc2.bias):
+                p.zero_()
     assert torch.equal(block(x, y), x)
 
 
@@ -251,7 +252,8 @@ def test_ablation_builds_only_what_it_uses_and_trains_a_step(name):
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
     with torch.no_grad():  # the test path works without any training-only branch
-        assert model.eval().encode_texts(tok["input_ids"], tok["attention_mask"]).shape == (len(CAPTIONS), model.embedding_dim)
+        emb = model.eval().encode_texts(tok["input_ids"], tok["attention_mask"])
+        assert emb.shape == (len(CAPTIONS), model.embedding_dim)
 
 
 def test_bad_model_config_is_refused(tiny_cfg):

@@ -5,7 +5,8 @@ import argparse
 
 
 def add_convert_official(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert-official", help="convert an official LGUR checkpoint (best.pth.tar) to an lgur model file",
+    p = sub.add_parser("convert-official",
+                       help="convert an official LGUR checkpoint (best.pth.tar) to an lgur model file",
                        description="Map the official LGUR state-dict names (network + ID classifiers W) onto "
                                    "lgur's and write a self-contained .safetensors model file. The official file "
                                    "is read with torch.load(weights_only=True).")

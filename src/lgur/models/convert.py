@@ -19,9 +19,9 @@ Names follow the fixture README's table:
     ImageExtract.model.*      (TransReID DeiT = timm)    -> image.model.*
 
 Dropped on purpose because no official forward reads them: `pos_embed_image`, the DeiT blocks
-beyond those our backbone builds (the official forward runs blocks[:-1]), the DeiT final `norm` and `fc`, the BERT pooler and BERT's
-position/token-type id buffers. Any other official key that maps nowhere, and any model key left
-unfilled, is an error that names them.
+beyond those our backbone builds (the official forward runs blocks[:-1]), the DeiT final `norm` and
+`fc`, the BERT pooler and BERT's position/token-type id buffers. Any other official key that maps
+nowhere, and any model key left unfilled, is an error that names them.
 """
 from __future__ import annotations
 
