@@ -58,7 +58,7 @@ def select_negatives(sim: torch.Tensor, labels: torch.Tensor, margin: float, neg
     last = torch.zeros_like(selected)
     last[..., -1] = True
     last_other = different[..., -1, :]
-    fallback_index = last_other.to(torch.uint8).argmax(dim=-1, keepdim=True)  # first True
+    fallback_index = last_other.float().argmax(dim=-1, keepdim=True)  # first True
     use_fallback = none & last & last_other.any(dim=-1, keepdim=True)
     index = torch.where(none & last, fallback_index, index)
     selected = torch.where(none, use_fallback, selected)
