@@ -1,0 +1,28 @@
+"""Person search: gallery index, exact/ANN search, results sheets, web server and ONNX export.
+
+    lgur index --checkpoint model.safetensors --images photos/ --out gallery.lgidx
+    lgur search --index gallery.lgidx "a man in a black jacket with a red backpack" -k 10 --html out.html
+
+    from lgur.search import Searcher
+    results = Searcher("gallery.lgidx").search(["a woman in a white dress"], k=10)
+
+Names resolve lazily so the `lgur` command's parser does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "GalleryIndex": "index", "build_index": "index", "BuildReport": "index", "SearchError": "index",
+    "Searcher": "searcher", "Hit": "searcher", "QueryResult": "searcher",
+    "ExactSearch": "topk", "TwoStageSearch": "ann", "write_html": "sheet", "write_png": "sheet",
+    "create_app": "server", "export_onnx": "export",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"lgur.search.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'lgur.search' has no attribute {name!r}")

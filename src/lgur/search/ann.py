@@ -1,0 +1,243 @@
+"""Approximate search for large galleries: PCA reduction and faiss IVF-PQ / HNSW, with full-dim re-ranking.
+
+Every approximate path is two-stage: stage 1 (exact scan of PCA-reduced vectors, or a faiss index over
+the full or reduced vectors) proposes k*rerank candidates; stage 2 re-scores them exactly (fp32) from the
+stored full-dim embeddings. Recall is always measured against exact full-dim search, with and without
+the re-ranking, and the ANN search parameter (nprobe / efSearch) is tuned at build time to the smallest
+value reaching the recall target.
+
+Recall queries (`recall_queries`): held-out perturbations of gallery vectors, q = normalise(g + n) with
+|n| = |g| (cos(q, g) ~ 0.71, roughly a matching text-image pair), NOT the gallery vectors themselves
+(they would trivially find themselves). faiss is imported lazily: the GPU machine has none.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lgur.search.topk import ExactSearch, rescore
+
+log = logging.getLogger(__name__)
+
+ANN_KINDS = ("ivfpq", "hnsw")
+PCA_SAMPLE = 20000  # rows used to fit the PCA (the D x D second moment of more rows costs minutes on 2 cores)
+
+
+def faiss_or_none():
+    """The faiss module, or None where it is not installed (e.g. the GPU box)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def require_faiss():
+    from lgur.errors import LgurError
+
+    faiss = faiss_or_none()
+    if faiss is None:
+        raise LgurError("an ANN index needs faiss: pip install faiss-cpu (exact search works without it)")
+    return faiss
+
+
+def fit_pca(embeddings: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
+    """(D, dim) projection: the top eigenvectors of the *uncentred* second moment E[g g^T] of a sample.
+
+    Uncentred on purpose: we need inner products q.g ~ (W^T q).(W^T g), and the best rank-r approximation of
+    the gallery rows (truncated SVD) gives that; centring would drop the g.mean term that varies per item.
+    """
+    n, d = embeddings.shape
+    if not 0 < dim < d:
+        raise ValueError(f"PCA dim must be in 1..{d - 1}, got {dim}")
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(n, generator=g)[:PCA_SAMPLE] if n > PCA_SAMPLE else torch.arange(n)
+    x = embeddings[rows].float()
+    evals, evecs = torch.linalg.eigh(x.T @ x)  # ascending
+    return evecs[:, -dim:].flip(1).contiguous()
+
+
+def project(vectors: torch.Tensor, components: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """(N, D) -> (N, r) fp32, chunked so an fp16 store is never fully converted to fp32 at once."""
+    return torch.cat([vectors[i:i + chunk].float() @ components for i in range(0, vectors.shape[0], chunk)])
+
+
+def recall_queries(embeddings: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """Held-out perturbations of `count` random gallery rows (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = embeddings.shape
+    rows = torch.randperm(n, generator=g)[:count]
+    base = torch.nn.functional.normalize(embeddings[rows].float(), dim=1)
+    noise = torch.nn.functional.normalize(torch.randn(len(rows), d, generator=g), dim=1)
+    return torch.nn.functional.normalize(base + noise, dim=1)
+
+
+def recall_at(found: torch.Tensor, truth: torch.Tensor) -> float:
+    """Mean |found_q ∩ truth_q| / |truth_q| over queries (found and truth: (Q, k) ids)."""
+    hits = (found[:, :, None] == truth[:, None, :]).any(1).float().sum(1)
+    return float((hits / truth.shape[1]).mean())
+
+
+class FaissSearch:
+    """A faiss index over (reduced) vectors with its tuned search parameter; ids -1 mean 'no result'."""
+
+    def __init__(self, index, param: str, value: int):
+        self.index, self.param, self.value = index, param, int(value)
+        self.set_param(self.value)
+
+    def set_param(self, value: int) -> None:
+        self.value = int(value)
+        faiss = require_faiss()
+        faiss.ParameterSpace().set_index_parameter(self.index, self.param, self.value)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, ids = self.index.search(np.ascontiguousarray(queries.float().cpu().numpy()), int(k))
+        return torch.from_numpy(scores), torch.from_numpy(ids)
+
+
+class TwoStageSearch:
+    """Stage 1 (`first`, over vectors projected by `components` or the full vectors) proposes k*rerank
+    candidates; stage 2 re-scores them exactly from `store` (rerank=0: stage 1 alone, no re-ranking)."""
+
+    def __init__(self, first, store: torch.Tensor, components: torch.Tensor | None, rerank: int):
+        self.first, self.store, self.components, self.rerank = first, store, components, int(rerank)
+
+    def __len__(self) -> int:
+        return self.store.shape[0]
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = queries.float()
+        reduced = queries @ self.components.to(queries.device) if self.components is not None else queries
+        if not self.rerank:
+            return self.first.search(reduced, k)
+        _, cand = self.first.search(reduced, min(len(self), k * self.rerank))
+        return rescore(queries, self.store, cand, k)
+
+
+def build_faiss(vectors: torch.Tensor, kind: str, seed: int = 0, hnsw_m: int = 32, pq_dims: int = 4):
+    """Build (train + add) a faiss inner-product index over (N, d) vectors.
+
+    ivfpq: `IVF{nlist},PQ{d/pq_dims}x4fs` (4-bit fast-scan PQ, the fastest IVF-PQ on CPU),
+           nlist ~ 4 sqrt(N) capped so every list gets >= 39 training points; searched with nprobe.
+    hnsw:  `HNSW{hnsw_m}` over the (reduced) float vectors; searched with efSearch.
+    Returns (index, search parameter name).
+    """
+    faiss = require_faiss()
+    n, d = vectors.shape
+    x = np.ascontiguousarray(vectors.float().cpu().numpy())
+    if kind == "ivfpq":
+        nlist = int(max(1, min(round(4 * n ** 0.5), n // 39)))
+        m = max(1, d // pq_dims)
+        while d % m:
+            m -= 1
+        index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x4fs", faiss.METRIC_INNER_PRODUCT)
+        faiss.extract_index_ivf(index).cp.seed = seed
+        rng = np.random.default_rng(seed)
+        train = x[rng.choice(n, size=min(n, 64 * nlist + 4096), replace=False)] if n > 64 * nlist + 4096 else x
+        index.train(train)
+        index.add(x)
+        return index, "nprobe"
+    if kind == "hnsw":
+        index = faiss.index_factory(d, f"HNSW{hnsw_m}", faiss.METRIC_INNER_PRODUCT)
+        index.add(x)
+        return index, "efSearch"
+    raise ValueError(f"ANN kind must be one of {', '.join(ANN_KINDS)}, got {kind!r}")
+
+
+@dataclass
+class Tuning:
+    """What the build measured: the chosen parameter, recall@10 with and without re-ranking, latency."""
+
+    param: str
+    value: int
+    recall: float           # recall@10 of the full pipeline (with re-ranking) vs exact full-dim search
+    recall_no_rerank: float  # stage 1 alone
+    ms_per_query: float     # batch of the recall queries, per query
+    queries: int
+
+    def describe(self) -> str:
+        return (f"{self.param}={self.value}: recall@10 {self.recall:.3f} with re-ranking, "
+                f"{self.recall_no_rerank:.3f} without (vs exact full-dim, {self.queries} perturbed gallery "
+                f"vectors as queries), {self.ms_per_query:.2f} ms/query")
+
+
+def exact_truth(store: torch.Tensor, queries: torch.Tensor, k: int = 10) -> torch.Tensor:
+    return ExactSearch(store).search(queries, k)[1]
+
+
+def measure(engine, queries: torch.Tensor, truth: torch.Tensor, k: int = 10) -> tuple[float, float]:
+    """(recall@k vs truth, ms per query) of engine.search on the whole query batch."""
+    t = time.perf_counter()
+    ids = engine.search(queries, k)[1]
+    return recall_at(ids, truth), (time.perf_counter() - t) * 1e3 / len(queries)
+
+
+def tune(first: FaissSearch, store: torch.Tensor, components: torch.Tensor | None, rerank: int,
+         queries: torch.Tensor, truth: torch.Tensor, target: float) -> Tuning:
+    """Smallest nprobe/efSearch (powers of two) whose re-ranked recall@10 reaches `target`."""
+    values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+              if first.param != "nprobe" or v <= max(1, faiss_nlist(first.index))]
+    engine = TwoStageSearch(first, store, components, rerank)
+    bare = TwoStageSearch(first, store, components, 0)
+    for v in values:
+        first.set_param(v)
+        recall, ms = measure(engine, queries, truth)
+        if recall >= target or v == values[-1]:
+            break
+    return Tuning(first.param, v, recall, measure(bare, queries, truth)[0], ms, len(queries))
+
+
+def faiss_nlist(index) -> int:
+    return int(require_faiss().extract_index_ivf(index).nlist)
+
+
+def attach_reduction(index, pca_dim: int | None, ann_kind: str | None, scfg) -> list[str]:
+    """Fit the PCA and/or build the ANN index of `index` (a GalleryIndex) in place, measuring recall@10
+    against exact full-dim search; returns the lines `lgur index` prints. Settings go to the manifest."""
+    store = index.embeddings
+    n, d = store.shape
+    if not pca_dim and not ann_kind:
+        return []
+    queries = recall_queries(store, min(int(scfg.recall_queries), n))
+    truth = exact_truth(store, queries)
+    notes = []
+    components = None
+    if pca_dim:
+        if not 0 < int(pca_dim) < d:
+            from lgur.search.index import SearchError
+
+            raise SearchError(f"--pca must be between 1 and {d - 1} (the embedding has {d} dims), got {pca_dim}")
+        components = fit_pca(store, int(pca_dim))
+        index.components, index.reduced = components, project(store, components).half()
+        first = ExactSearch(index.reduced)
+        recall, ms = measure(TwoStageSearch(first, store, components, scfg.rerank), queries, truth)
+        bare = measure(TwoStageSearch(first, store, components, 0), queries, truth)[0]
+        index.manifest["pca"] = {"dim": int(pca_dim), "fit_rows": min(n, PCA_SAMPLE), "recall@10": recall,
+                                 "recall@10_no_rerank": bare, "rerank": int(scfg.rerank), "queries": len(queries)}
+        notes.append(f"PCA {d} -> {pca_dim}: recall@10 {recall:.3f} with re-ranking x{scfg.rerank}, {bare:.3f} "
+                     f"without (vs exact full-dim, {len(queries)} perturbed gallery vectors as queries)")
+    if ann_kind:
+        vectors = index.reduced if components is not None else store
+        t = time.perf_counter()
+        faiss_index, param = build_faiss(vectors, ann_kind, hnsw_m=int(scfg.hnsw_m), pq_dims=int(scfg.pq_dims))
+        built = time.perf_counter() - t
+        tuning = tune(FaissSearch(faiss_index, param, 1), store, components, int(scfg.rerank), queries, truth,
+                      float(scfg.ann_recall_target))
+        index.ann = faiss_index
+        index.manifest["ann"] = {"kind": ann_kind, "dim": int(vectors.shape[1]), "param": tuning.param,
+                                 "value": tuning.value, "recall@10": tuning.recall,
+                                 "recall@10_no_rerank": tuning.recall_no_rerank, "rerank": int(scfg.rerank),
+                                 "queries": tuning.queries, "build_seconds": round(built, 2)}
+        notes.append(f"ANN {ann_kind} over {vectors.shape[1]}-d vectors, built in {built:.1f} s; {tuning.describe()}")
+        if tuning.recall < float(scfg.ann_recall_target):
+            notes.append(f"warning: ANN recall@10 {tuning.recall:.3f} is below the target "
+                         f"{scfg.ann_recall_target} even at the largest {tuning.param}")
+    return notes

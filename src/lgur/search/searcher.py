@@ -1,0 +1,138 @@
+"""Free-text person search over a gallery index: the Python API behind `lgur search`, `lgur serve` and the demo.
+
+    searcher = Searcher("gallery.lgidx")                 # model = the checkpoint recorded in the index
+    [result] = searcher.search(["a man in a black jacket with a red backpack"], k=10)
+    for hit in result.hits:
+        print(hit.rank, hit.score, hit.path)
+
+The model is loaded once; its weights' fingerprint must equal the index's (an index built by another
+model would rank with incompatible embeddings, so that is refused, not warned about).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Collection, Sequence
+
+import torch
+
+from lgur.search.index import GalleryIndex, SearchError
+
+log = logging.getLogger(__name__)
+
+SEARCH_MODES = ("auto", "exact", "ann")
+# ground truth for marking hits: one collection of correct relative paths per query, or a predicate
+Relevant = Sequence[Collection[str]] | Callable[[int, str, str], bool] | None
+
+
+@dataclass
+class Hit:
+    rank: int          # 1-based
+    score: float       # cosine similarity (embeddings are L2-normalised)
+    id: int            # row of the index (what GET /img/{id} serves)
+    path: str          # relative to the index's images root
+    file: Path         # absolute path
+    correct: bool | None = None  # None: ground truth unknown
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "path": self.path,
+                "correct": self.correct}
+
+
+@dataclass
+class QueryResult:
+    query: str
+    hits: list[Hit] = field(default_factory=list)
+
+
+def make_engine(index: GalleryIndex, mode: str, scfg, device: torch.device):
+    """The search engine for `mode` (see SEARCH_MODES).
+
+    auto: the ANN index when the gallery has >= search.ann_threshold rows and faiss is importable, else the
+    PCA-reduced exact scan when the index has a PCA, else exact full-dim search. exact: always full-dim.
+    """
+    from lgur.search.ann import FaissSearch, TwoStageSearch
+    from lgur.search.topk import ExactSearch
+
+    if mode not in SEARCH_MODES:
+        raise SearchError(f"search mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
+    ann = index.manifest.get("ann")
+    if mode == "ann" and (not ann or index.ann is None):
+        raise SearchError(f"{index.path}: " + ("no ANN index (build it with `lgur index --ann ivfpq|hnsw`)" if not ann
+                                               else "its ANN index needs faiss (pip install faiss-cpu)"))
+    exact = ExactSearch(index.embeddings, scfg.compute_dtype, scfg.chunk_rows, device)
+    if mode == "exact":
+        return exact
+    components = index.components.to(device) if index.components is not None else None
+    if index.ann is not None and (mode == "ann" or len(index) >= int(scfg.ann_threshold)):
+        first = FaissSearch(index.ann, ann["param"], ann["value"])
+        return TwoStageSearch(first, exact.store, components, int(scfg.rerank))
+    if components is not None:
+        first = ExactSearch(index.reduced, scfg.compute_dtype, scfg.chunk_rows, device)
+        return TwoStageSearch(first, exact.store, components, int(scfg.rerank))
+    return exact
+
+
+class Searcher:
+    """Loads an index and its model once; `search(texts, k)` ranks the gallery for each text."""
+
+    def __init__(self, index_path: str | Path, checkpoint: str | Path | None = None, device: str | None = None,
+                 mode: str = "auto", search_cfg=None, images_root: str | Path | None = None):
+        from lgur.checkpoint import load_model, read_metadata
+        from lgur.config import defaults
+
+        self.cfg = search_cfg or defaults().search
+        self.index = GalleryIndex.load(index_path)
+        if images_root is not None:
+            self.index.manifest["images_root"] = str(Path(images_root).expanduser().resolve())
+        checkpoint = Path(checkpoint or self.index.checkpoint)
+        fingerprint = read_metadata(checkpoint)["fingerprint"]
+        if fingerprint != self.index.fingerprint:
+            raise SearchError(f"{checkpoint} (weights {fingerprint}) is not the model that built {index_path} "
+                              f"(weights {self.index.fingerprint}); its embeddings are not comparable. "
+                              f"Search with that checkpoint or rebuild the index with `lgur index`")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load_model(checkpoint, device=self.device)[0]
+        self.checkpoint = checkpoint
+        self.engine = make_engine(self.index, mode, self.cfg, self.device)
+        self._lock = threading.Lock()  # the server calls from worker threads; one model forward at a time
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> (Q, D) embeddings, encoded in batches of search.text_batch_size."""
+        bs = int(self.cfg.text_batch_size)
+        return torch.cat([self.model.encode_captions(list(texts[i:i + bs])).float() for i in range(0, len(texts), bs)])
+
+    def search(self, texts: Sequence[str] | str, k: int = 10, relevant: Relevant = None) -> list[QueryResult]:
+        """Top-k gallery images per text, best first. `relevant` (optional ground truth) marks each hit's
+        `correct`: either one collection of correct relative paths per query, or a predicate
+        relevant(query_index, query_text, relative_path) -> bool."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            return []
+        if any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise SearchError("every query must be a non-empty string")
+        if k < 1:
+            raise SearchError(f"k must be at least 1, got {k}")
+        if relevant is not None and not callable(relevant) and len(relevant) != len(texts):
+            raise SearchError(f"relevant: {len(relevant)} ground-truth sets for {len(texts)} queries")
+        with self._lock:
+            scores, ids = self.engine.search(self.encode(texts), k)
+        results = []
+        for qi, (text, s_row, i_row) in enumerate(zip(texts, scores.tolist(), ids.tolist())):
+            hits = []
+            for score, i in zip(s_row, i_row):
+                if i < 0:  # an ANN index found fewer than k
+                    continue
+                path = self.index.files[i]["path"]
+                correct = None
+                if relevant is not None:
+                    correct = bool(relevant(qi, text, path)) if callable(relevant) else path in relevant[qi]
+                hits.append(Hit(len(hits) + 1, float(score), i, path, self.index.file(i), correct))
+            results.append(QueryResult(text, hits))
+        return results
