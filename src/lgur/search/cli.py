@@ -1,0 +1,127 @@
+"""`lgur index`, `lgur search`, `lgur serve`, `lgur export`. Heavy imports happen inside the commands."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="encode every image under a folder into a gallery index (incremental)",
+                       description="Encodes all jpg/jpeg/png/bmp/webp files under IMAGES (recursively) with the "
+                                   "checkpoint's image encoder. Re-running on the same OUT encodes only new or "
+                                   "changed files and drops deleted ones; unreadable files are skipped and listed.")
+    p.add_argument("--checkpoint", required=True, help="lgur model file (.safetensors)")
+    p.add_argument("--images", required=True, help="folder of gallery images")
+    p.add_argument("--out", required=True, help="index directory to create or update (e.g. gallery.lgidx)")
+    p.add_argument("--dtype", choices=["fp16", "fp32"], help="stored embedding dtype (default: search.dtype)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: search.batch_size)")
+    p.add_argument("--workers", type=int, help="decoding processes (default: search.num_workers)")
+    p.add_argument("--ann", choices=["ivfpq", "hnsw", "none"],
+                   help="also build a faiss ANN index (used for galleries >= search.ann_threshold); "
+                        "default: keep what the index had")
+    p.add_argument("--pca", type=int, help="reduce embeddings to this many dims for stage-1 search (e.g. 512, 256; "
+                                           "0 removes it); default: keep what the index had")
+    p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=index_cmd)
+
+    s = sub.add_parser("search", help="rank an index's images for free-text descriptions",
+                       description="Prints rank, score and path of the top-k images for each query; optionally "
+                                   "writes an HTML or PNG results sheet.")
+    s.add_argument("query", nargs="*", help="description(s) of the person")
+    s.add_argument("--index", required=True, help="index directory built by `lgur index`")
+    s.add_argument("--queries", help="file with one query per line (blank lines ignored)")
+    s.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    s.add_argument("--checkpoint", help="model file (default: the one recorded in the index; must be the same model)")
+    s.add_argument("--html", help="write a self-contained HTML results sheet here")
+    s.add_argument("--png", help="write a PNG results sheet here")
+    s.add_argument("--mode", choices=["auto", "exact", "ann"], default="auto",
+                   help="auto: ANN for galleries >= search.ann_threshold, PCA scan if built, else exact")
+    s.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    s.set_defaults(func=search_cmd)
+
+    v = sub.add_parser("serve", help="web page + JSON API for person search over an index",
+                       description="FastAPI app: GET / (search page), POST /api/search, GET /img/{id}.")
+    v.add_argument("--index", required=True)
+    v.add_argument("--checkpoint", help="default: the one recorded in the index")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--mode", choices=["auto", "exact", "ann"], default="auto")
+    v.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    v.set_defaults(func=serve_cmd)
+
+    e = sub.add_parser("export", help="export the image and text encoders (ONNX)",
+                       description="Writes image_encoder.onnx (images -> normalised embedding) and "
+                                   "text_encoder.onnx (input_ids, attention_mask -> normalised embedding), "
+                                   "dynamic batch and sequence length, and checks them with onnxruntime.")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--format", choices=["onnx"], default="onnx")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--opset", type=int, default=17)
+    e.set_defaults(func=export_cmd)
+
+
+def index_cmd(args: argparse.Namespace) -> int:
+    from lgur.config import defaults
+    from lgur.search.index import build_index
+
+    scfg = defaults().search
+    _, report = build_index(args.checkpoint, args.images, args.out, dtype=args.dtype or scfg.dtype,
+                            batch_size=args.batch_size or scfg.batch_size,
+                            num_workers=scfg.num_workers if args.workers is None else args.workers,
+                            device=args.device, ann=args.ann, pca=args.pca, search_cfg=scfg, progress=not args.quiet)
+    print(report.summary())
+    print(f"index written to {args.out}")
+    return 0
+
+
+def read_queries(args: argparse.Namespace) -> list[str]:
+    from lgur.errors import LgurError
+
+    queries = [q for q in args.query if q.strip()]
+    if args.queries:
+        path = Path(args.queries)
+        if not path.is_file():
+            raise LgurError(f"--queries: file not found: {path}")
+        queries += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not queries:
+        raise LgurError("no query given (pass text or --queries FILE)")
+    return queries
+
+
+def search_cmd(args: argparse.Namespace) -> int:
+    from lgur.search.searcher import Searcher
+
+    queries = read_queries(args)
+    searcher = Searcher(args.index, args.checkpoint, device=args.device, mode=args.mode)
+    results = searcher.search(queries, k=args.k)
+    for r in results:
+        print(f"query: {r.query}")
+        for h in r.hits:
+            print(f"{h.rank:>4}  {h.score:.4f}  {h.path}")
+    if args.html or args.png:
+        from lgur.search.sheet import write_html, write_png
+
+        if args.html:
+            print(f"wrote {write_html(results, args.html)}")
+        if args.png:
+            print(f"wrote {write_png(results, args.png)}")
+    return 0
+
+
+def serve_cmd(args: argparse.Namespace) -> int:
+    from lgur.search.searcher import Searcher
+    from lgur.search.server import serve
+
+    searcher = Searcher(args.index, args.checkpoint, device=args.device, mode=args.mode)
+    print(f"serving {len(searcher)} images on http://{args.host}:{args.port}/")
+    serve(searcher, args.host, args.port)
+    return 0
+
+
+def export_cmd(args: argparse.Namespace) -> int:
+    from lgur.search.export import export_onnx
+
+    report = export_onnx(args.checkpoint, args.out, opset=args.opset)
+    print(report)
+    return 0
