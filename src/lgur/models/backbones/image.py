@@ -48,7 +48,6 @@ class ImageBackbone(nn.Module):
         super().__init__()
         self.model = model
         self.proj = nn.Identity() if width == dim else nn.Linear(width, dim)
-        self.width = width
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.load_report: dict[str, list[str]] | None = None  # keys loaded/ignored/unexpected from a file
