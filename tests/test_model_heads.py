@@ -209,21 +209,38 @@ def test_training_steps_lower_the_loss(tiny_cfg):
 
 # ---------------------------------------------------------------------------------------- ablations
 
-ABLATIONS = {  # paper axes (lgur-reference §5.4): baseline -> +MSD -> +CMG -> +FCR -> +PGU, plus one-offs
-    "baseline": ["model.name=baseline"],
-    "msd": ["model.use_cmg=false", "model.use_fcr=false", "model.use_pgu=false"],
-    "msd_cmg": ["model.use_fcr=false", "model.use_pgu=false"],
-    "msd_cmg_fcr": ["model.use_pgu=false"],
-    "full_s8_k3": ["model.dict_size=8", "model.num_prototypes=3"],
+SWITCHES = ("name", "use_msd", "use_cmg", "use_fcr", "use_pgu")
+
+
+def recipe_switches(recipe: str) -> list[str]:
+    """The model switches of a recipe (configs/ablation_*.yaml, lgur_cuhk.yaml) as overrides for lgur_tiny."""
+    m = load_config(recipe).model
+    return [f"model.{k}={str(m[k]).lower() if isinstance(m[k], bool) else m[k]}" for k in SWITCHES]
+
+
+ABLATIONS = {  # the paper's chain (recipes baseline -> +MSD -> +CMG -> +FCR -> +PGU), then one-off combinations
+    "baseline": recipe_switches("ablation_baseline"),
+    "msd": recipe_switches("ablation_msd"),
+    "msd_cmg": recipe_switches("ablation_msd_cmg"),
+    "dga": recipe_switches("ablation_dga"),
+    "full_s8_k3": recipe_switches("lgur_cuhk") + ["model.dict_size=8", "model.num_prototypes=3"],
     "cmg_only": ["model.use_msd=false", "model.use_fcr=false"],
     "fcr_pgu": ["model.use_msd=false", "model.use_cmg=false"],
     "all_off": ["model.use_msd=false", "model.use_cmg=false", "model.use_fcr=false", "model.use_pgu=false"],
 }
 BUILT = {  # which head modules exist per ablation
     "baseline": {"text_proj"}, "msd": {"dga.recon", "dga.dictionary"},
-    "msd_cmg": {"dga.recon", "dga.dictionary"}, "msd_cmg_fcr": {"dga.recon", "dga.dictionary", "dga.gate"},
+    "msd_cmg": {"dga.recon", "dga.dictionary"}, "dga": {"dga.recon", "dga.dictionary", "dga.gate"},
     "full_s8_k3": {"dga.recon", "dga.dictionary", "dga.gate", "decoder"}, "cmg_only": {"dga.recon", "decoder"},
     "fcr_pgu": {"dga.gate", "decoder"}, "all_off": set(),
+}
+
+PAIR = {"id_dict", "rank_dict"}
+GUIDED = PAIR | {"id_guided", "rank_guided"}
+TERMS = {  # loss terms per ablation: L_G only with CMG, its text term only with MSD too
+    "baseline": PAIR, "msd": GUIDED, "msd_cmg": GUIDED | {"guide_text", "guide_image"},
+    "dga": GUIDED | {"guide_text", "guide_image"}, "full_s8_k3": GUIDED | {"guide_text", "guide_image"},
+    "cmg_only": GUIDED | {"guide_image"}, "fcr_pgu": PAIR, "all_off": PAIR,
 }
 
 
@@ -242,7 +259,8 @@ def test_ablation_builds_only_what_it_uses_and_trains_a_step(name):
     assert all(v.shape == (len(CAPTIONS), K, cfg.model.embed_dim) for v in out.values())
     criterion = build_criterion(cfg)
     loss, logged = criterion(out, LABELS, model)
-    assert set(logged) == {t.name for t in loss_terms(cfg.model)} | {"loss", "acc_img", "acc_txt"}
+    assert {t.name for t in loss_terms(cfg.model)} == TERMS[name]
+    assert set(logged) == TERMS[name] | {"loss", "acc_img", "acc_txt"}
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3).zero_grad()
     loss.backward()
