@@ -2,6 +2,7 @@
 fixture README, tiny widths) converts into an lgur model file that reproduces the source weights."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,7 @@ from lgur.cli import main
 from lgur.config import load_config
 from lgur.errors import WeightsError
 from lgur.models import build_model
-from lgur.models.convert import convert_official
+from lgur.models.convert import convert_official, read_official_checkpoint
 
 TINY = "configs/lgur_tiny.yaml"
 
@@ -76,7 +77,8 @@ def source(tmp_path_factory):
     param.sum().backward()
     opt.step()
     path = tmp_path_factory.mktemp("official") / "best.pth.tar"
-    torch.save({"network": net, "W": W, "optimizer": opt.state_dict(), "epoch": 7, "test_best": 0.61}, path)
+    test_best = np.zeros(2)[0] + 0.61  # the official script saves its R@1 as a numpy float64
+    torch.save({"network": net, "W": W, "optimizer": opt.state_dict(), "epoch": 7, "test_best": test_best}, path)
     return model, net, W, path
 
 
@@ -128,3 +130,16 @@ def test_pickled_objects_and_non_checkpoints_are_refused(source, tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="junk.pth.tar"):
         convert_official(junk, tmp_path / "f.safetensors", TINY)
+
+
+def test_numpy_1_pickles_of_the_official_scalar_load(tmp_path):
+    """A 2022 checkpoint names numpy 1's module (numpy.core.multiarray.scalar), in either format."""
+    path = tmp_path / "legacy.pth.tar"
+    torch.save({"network": {"dict_feature": torch.ones(1, 2, 3)}, "test_best": np.float64(0.5) + 0.1, "epoch": 2},
+               path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert b"numpy.core.multiarray" in path.read_bytes()
+    network, classifiers, extra = read_official_checkpoint(path)
+    assert torch.equal(network["dict_feature"], torch.ones(1, 2, 3)) and classifiers is None
+    assert extra == {"test_best": 0.6, "epoch": 2} and type(extra["test_best"]) is float

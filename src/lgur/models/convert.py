@@ -2,6 +2,8 @@
 
 The official file is a dict {'network': state dict, 'W': state dict of the 6 ID classifiers,
 'optimizer', 'epoch', 'test_best'} (lgur-reference §9.1); a bare network state dict is accepted too.
+It is read with torch.load(weights_only=True); the only globals admitted beyond tensors are numpy's
+scalar/dtype reconstructors, because the official `test_best` is a numpy float64.
 Names follow the fixture README's table:
 
     TXTDecoder_2.transformer.layers.i.0.fn.norm.*        -> dga.recon.layers.i.attn.norm.*     (R)
@@ -152,13 +154,25 @@ def official_config(mapped: dict[str, torch.Tensor], base: Config) -> Config:
     return cfg
 
 
+def _numpy_scalar_globals() -> list:
+    """Allow-list for the weights_only unpickler: the official script stores `test_best` as a numpy
+    float64 (its R@1, `cmc[0]`), pickled as numpy.core.multiarray.scalar(dtype, bytes). Rebuilding a
+    numpy scalar from a dtype and raw bytes runs no code, so these (and nothing else) are admitted."""
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    return [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            *(type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32))]
+
+
 def read_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict]:
     """(network state dict, classifier state dict or None, other scalar entries) of an official file."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"official checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"{path}: cannot be read as a PyTorch checkpoint with weights_only=True "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -168,7 +182,8 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
         network, classifiers = obj["network"], obj.get("W")
     else:  # a bare network state dict
         network, classifiers = obj, None
-    extra = {k: v for k, v in obj.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    extra = {k: v.item() if hasattr(v, "item") else v for k, v in obj.items()
+             if isinstance(v, (int, float, str)) and not isinstance(v, bool)}  # numpy float64 -> float
     return network, classifiers if isinstance(classifiers, dict) else None, extra
 
 
