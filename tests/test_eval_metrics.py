@@ -146,7 +146,10 @@ def test_text_image_protocols_and_i2t():
     sim = (texts @ images.T).numpy()
     assert_same(out["t2i"], reference_metrics(sim, text_ids.numpy(), image_ids.numpy()))
     assert_same(out["t2i_wm"], reference_metrics(sim, text_ids.numpy(), image_ids.numpy(), exclude=own.numpy()))
-    assert_same(out["i2t"], reference_metrics((images @ texts.T).numpy(), image_ids.numpy(), text_ids.numpy()))
+    i2t_ref = reference_metrics((images @ texts.T).numpy(), image_ids.numpy(), text_ids.numpy())
+    assert_same(out["i2t"], i2t_ref)
+    # a transposed (non-contiguous) similarity matrix is read correctly too
+    assert_same(similarity_metrics((texts @ images.T).T, image_ids, text_ids, chunk_size=7), i2t_ref)
     assert out["t2i"]["R@1"] > 0.5 > out["t2i_wm"]["R@1"]      # chance is 1/15; wm is harder
 
 
