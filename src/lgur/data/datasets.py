@@ -219,8 +219,8 @@ class EvalImages(_ImageDataset):
     """One item per gallery image, with its person id. An undecodable image becomes a blank image (zeros
     after normalisation) so that gallery indices stay aligned; it is counted in `failures`."""
 
-    def __init__(self, records: list[Record], transform: Callable | None = None, cache: ImageCache | None = None,
-                 blank: torch.Tensor | None = None):
+    def __init__(self, records: list[Record], *, blank: torch.Tensor, transform: Callable | None = None,
+                 cache: ImageCache | None = None):
         super().__init__([r.image_path for r in records], transform, cache)
         self.pids = torch.tensor([r.person_id for r in records], dtype=torch.long)
         self.blank = blank
