@@ -68,10 +68,10 @@ def make_engine(index: GalleryIndex, mode: str, scfg, device: torch.device):
     components = index.components.to(device) if index.components is not None else None
     if index.ann is not None and (mode == "ann" or len(index) >= int(scfg.ann_threshold)):
         first = FaissSearch(index.ann, ann["param"], ann["value"])
-        return TwoStageSearch(first, exact.store, components, int(scfg.rerank))
+        return TwoStageSearch(first, exact.store, components, int(ann["rerank"]))  # as tuned at build time
     if components is not None:
         first = ExactSearch(index.reduced, scfg.compute_dtype, scfg.chunk_rows, device)
-        return TwoStageSearch(first, exact.store, components, int(scfg.rerank))
+        return TwoStageSearch(first, exact.store, components, int(index.manifest["pca"]["rerank"]))
     return exact
 
 
