@@ -9,8 +9,8 @@
 Bad requests get a 4xx with {"error": message}. Search runs in FastAPI's thread pool (the endpoint is a plain
 def) so the event loop stays free while the model encodes.
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI must see the request model class defined inside
+# create_app (its limits come from the config), not a string it cannot resolve
 import mimetypes
 import time
 from pathlib import Path
@@ -76,10 +76,12 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
         return {"query": req.query, "k": req.k, "results": hits, "ms": round((time.perf_counter() - t) * 1e3, 2)}
 
     @app.get("/img/{image_id}")
-    def image(image_id: int) -> FileResponse:
-        if not 0 <= image_id < len(searcher):
-            return JSONResponse({"error": f"no gallery image {image_id}"}, status_code=404)
-        path = searcher.index.file(image_id)
+    def image(image_id: str) -> FileResponse:
+        # the id is parsed here rather than typed as int so that anything but a row number ("..", "-1",
+        # "1e3", "%2e%2e%2fetc") is a plain 404, never a path; files are looked up only through the index
+        if not (image_id.isascii() and image_id.isdigit()) or int(image_id) >= len(searcher):
+            return JSONResponse({"error": f"no gallery image {image_id[:40]!r}"}, status_code=404)
+        path = searcher.index.file(int(image_id))
         if not path.is_file():
             return JSONResponse({"error": f"gallery image {image_id} is gone from disk"}, status_code=404)
         return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
