@@ -104,6 +104,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17) -> str
         # runs other batch sizes and lengths, so these warnings are verified rather than trusted
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*variable length with LSTM.*")
+        # the TorchScript exporter on purpose: the torch.export one needs onnxscript (not a dependency) and
+        # this path is verified by the parity check
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*", category=DeprecationWarning)
         torch.onnx.export(image_net, (images,), str(out / "image_encoder.onnx"), input_names=["images"],
                           output_names=["embedding"],
                           dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}}, **common)
