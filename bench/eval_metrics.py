@@ -12,8 +12,9 @@ length-G CMC vector and a Python loop over the hits for the trapezoidal AP (stan
 When that loop would take too long it is timed on the first --icfg-loop-queries queries and
 extrapolated linearly to all queries (printed as such).
 
-Times are single runs (after one warm-up chunk). Memory: a background thread samples the process RSS (/proc/self/statm) every 2 ms; "peak extra" is
-the highest sample during the call minus the RSS just before it (the inputs are already resident).
+Times are single runs (after one warm-up chunk). Memory: a background thread samples the process RSS
+(/proc/self/statm) every 5 ms; "peak extra" is the highest sample during the call minus the RSS just
+before it (the inputs are already resident).
 The machine may be shared: besides wall time, each line gives the process CPU time ("cpu", all
 threads summed), which other processes do not inflate as much. The GEMMs use all --threads threads, so
 their CPU time is about threads x their wall time on an idle machine; the ranking work is mostly one
