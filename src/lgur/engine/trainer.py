@@ -310,21 +310,27 @@ def check_selection(cfg, annotations) -> None:
                           "best epoch on the test split, which makes the test numbers optimistic)")
 
 
-def build_trainer(cfg, env: DistEnv, run_dir: Path | None, resume_state: dict | None = None,
-                  resume_weights: Path | None = None) -> Trainer:
-    """Data, model, loss, optimiser, schedule, AMP, DDP/compile, and the resumed state if any."""
+def load_data(cfg):
+    """The dataset's annotations, checked (readable, selection split present) before a run folder exists."""
     from lgur.data.annotations import load_annotations
-    from lgur.data.datasets import build_loaders
-    from lgur.losses import build_criterion
-    from lgur.models import build_model
 
     dc = cfg.data
     if not dc.root:
         raise ConfigError("no dataset: pass --data-root DIR (or data.root=DIR)")
     ann = load_annotations(dc.root, dc.skip_train_ids, dc.max_bad_fraction)
     check_selection(cfg, ann)
+    return ann
+
+
+def build_trainer(cfg, env: DistEnv, run_dir: Path | None, ann, resume_state: dict | None = None,
+                  resume_weights: Path | None = None) -> Trainer:
+    """Model, loaders, loss, optimiser, schedule, AMP, DDP/compile, and the resumed state if any."""
+    from lgur.data.datasets import build_loaders
+    from lgur.losses import build_criterion
+    from lgur.models import build_model
+
     if env.main:
-        log.info("data %s (%s): %s; %d train ids", dc.root, ann.layout, ann.counts(), ann.num_train_ids)
+        log.info("data %s (%s): %s; %d train ids", cfg.data.root, ann.layout, ann.counts(), ann.num_train_ids)
     seed_everything(cfg.seed + env.rank)
     core = build_model(cfg, ann.num_train_ids, pretrained=resume_weights is None)
     if resume_weights is not None:
@@ -372,6 +378,7 @@ def train(cfg, resume_dir: Path | None = None) -> dict | None:
 
 
 def _train(cfg, env: DistEnv, resume_dir: Path | None) -> dict | None:
+    ann = load_data(cfg)
     run_dir = resume_dir or new_run_dir(cfg)
     if env.distributed and resume_dir is None:  # every rank uses rank 0's folder name
         names = [str(run_dir)]
@@ -382,7 +389,7 @@ def _train(cfg, env: DistEnv, resume_dir: Path | None) -> dict | None:
         save_config(cfg, run_dir / "config.yaml")
     setup_logging(run_dir / "train.log" if env.main else None)
     state, weights = load_state(run_dir) if resume_dir is not None else (None, None)
-    trainer = build_trainer(cfg, env, run_dir if env.main else None, state, weights)
+    trainer = build_trainer(cfg, env, run_dir if env.main else None, ann, state, weights)
     if env.main:
         log.info("run folder %s%s", run_dir, f" (resumed at epoch {trainer.epoch + 1}, step "
                  f"{trainer.step_in_epoch})" if state else "")

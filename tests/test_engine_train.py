@@ -1,0 +1,148 @@
+"""End-to-end training of the tiny model on the synthetic dataset: artifacts, selection, resume, eval CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lgur.checkpoint import load_model
+from lgur.cli import main
+from lgur.config import load_config
+from lgur.engine import trainer as trainer_module
+from lgur.engine.trainer import train
+
+METRIC_KEYS = {"R@1", "R@5", "R@10", "mAP", "mINP", "mAP_lgur_trapezoid"}
+# 2 epochs of 3 steps, a `last` checkpoint every 2 steps, both retrieval directions
+RUN = ["optim.epochs=2", "train.max_steps_per_epoch=3", "train.save_every_steps=2", "train.log_every=2",
+       "eval.directions=[t2i,i2t]"]
+
+
+def _cfg(root, out, *overrides):
+    cfg = load_config("lgur_tiny", [*RUN, *overrides])
+    cfg.data.root, cfg.output_dir = str(root), str(out)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    results = train(_cfg(synth_root, out))
+    return results, Path(results["run_dir"])
+
+
+def test_run_folder_artifacts(tiny_run):
+    results, run = tiny_run
+    for name in ("config.yaml", "train.log", "metrics.csv", "curves.png", "results.json", "best.safetensors",
+                 "last.safetensors", "best.state.pt", "last.state.pt"):
+        assert (run / name).is_file(), name
+    assert load_config(run / "config.yaml").train.save_every_steps == 2  # the resolved config
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = (run / "train.log").read_text()
+    assert "pairs/s" in log and "selected on val" in log and "mAP (LGUR trapezoid)" in log
+
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    # lgur_tiny: milestones [1] -> epoch 2 runs at 0.1x; the BiLSTM/projection group starts at 1e-3
+    assert [float(r["lr/lr"]) for r in rows] == pytest.approx([1e-3, 1e-4])
+    assert [float(r["lr/lr_backbone"]) for r in rows] == pytest.approx([1e-4, 1e-5])
+    for key in ("train/loss", "train/rank_dict", "val/t2i/R@1", "val/i2t/mAP", "val/t2i/mAP_lgur_trapezoid"):
+        assert all(r[key] for r in rows), key
+
+    assert json.loads((run / "results.json").read_text()) == results
+    assert results["selected_on"] == "val" and results["best_epoch"] in (1, 2)
+    best_row = rows[results["best_epoch"] - 1]
+    assert float(best_row["val/t2i/R@1"]) == pytest.approx(results["val"]["t2i"]["R@1"])
+    assert METRIC_KEYS <= set(results["val"]["t2i"]) and METRIC_KEYS <= set(results["test"]["t2i"])
+    assert results["test"]["t2i"]["num_queries"] == 24  # 3 test ids x 4 images x 2 captions
+
+    state = torch.load(run / "last.state.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["step"]) == (2, 0, 6)
+    model, cfg, meta = load_model(run / "best.safetensors")
+    assert model.embedding_dim == cfg.model.num_prototypes * cfg.model.embed_dim
+    assert meta["extra"]["epoch"] == results["best_epoch"]
+
+
+def test_resume_mid_epoch_gives_identical_weights(tiny_run, synth_root, tmp_path, monkeypatch):
+    """Crash right after the step-4 checkpoint (epoch 2, 1 of 3 steps done), resume: same final weights."""
+    reference = load_file(str(tiny_run[1] / "last.safetensors"))
+    real_save = trainer_module.save_checkpoint
+
+    def crash_after_step_4(run_dir, tag, model, cfg, num_classes, state):
+        real_save(run_dir, tag, model, cfg, num_classes, state)
+        if state["step"] == 4:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(synth_root, tmp_path))
+    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    (run,) = tmp_path.iterdir()
+    state = torch.load(run / "last.state.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 1)  # mid-epoch 2 (0-based 1)
+
+    assert main(["train", "--resume", "latest", "--out-dir", str(tmp_path)]) == 0
+    resumed = load_file(str(run / "last.safetensors"))
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    ref_rows = list(csv.DictReader((tiny_run[1] / "metrics.csv").open()))
+    assert [r["val/t2i/mAP"] for r in rows] == [r["val/t2i/mAP"] for r in ref_rows]
+
+
+def test_eval_cli_same_numbers_and_cross_domain(tiny_run, synth_root, tmp_path, capsys):
+    results, run = tiny_run
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(run), "--data-root", str(synth_root), "--i2t", "--workers", "0",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mAP (LGUR trapezoid)" in printed and "test t2i" in printed and "test i2t" in printed
+    metrics = json.loads(out.read_text())["metrics"]
+    for k in METRIC_KEYS:
+        assert metrics["t2i"][k] == pytest.approx(results["test"]["t2i"][k], abs=1e-6)
+
+    assert main(["eval", "--checkpoint", str(run / "best.safetensors"), "--data-root", str(synth_root),
+                 "--split", "val", "--protocol", "t2i_wm", "--workers", "0", "--out", str(out)]) == 0
+    wm = json.loads(out.read_text())["metrics"]["t2i_wm"]
+    assert wm["num_queries"] + wm["num_dropped"] == 16  # val: 2 ids x 4 images x 2 captions
+
+    from lgur.data.synth import generate
+
+    other = tmp_path / "other"  # another dataset, other identities: classifier ids play no role
+    generate(other, num_ids=10, seed=7, images_per_id=2, workers=1, progress=False)
+    assert main(["eval", "--checkpoint", str(run), "--data-root", str(other), "--workers", "0"]) == 0
+    assert "test t2i" in capsys.readouterr().out
+
+
+def _without_val(synth_root, dst):
+    """A copy of the synthetic dataset whose val records are moved to train (like ICFG-PEDES: no val)."""
+    records = json.loads((synth_root / "reid_raw.json").read_text())
+    for r in records:
+        if r["split"] == "val":
+            r["split"] = "train"
+    dst.mkdir()
+    (dst / "reid_raw.json").write_text(json.dumps(records))
+    (dst / "imgs").symlink_to(synth_root / "imgs")
+    return dst
+
+
+def test_no_val_split_refuses_val_selection_then_selects_on_test(synth_root, tmp_path, capsys):
+    root = _without_val(synth_root, tmp_path / "noval")
+    args = ["train", "--config", "lgur_tiny", "--data-root", str(root), "--out-dir", str(tmp_path / "runs"),
+            "optim.epochs=1", "train.max_steps_per_epoch=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no val split" in err and "eval.select_on=test" in err
+    assert not any((tmp_path / "runs").glob("*/last.state.pt"))  # refused before training
+
+    assert main(args + ["eval.select_on=test"]) == 0
+    (run,) = (tmp_path / "runs").glob("*/results.json")
+    results = json.loads(run.read_text())
+    assert results["selected_on"] == "test" and results["val"] is None and results["best_epoch"] == 1
+    assert "selected on test" in (run.parent / "train.log").read_text()
+    shutil.rmtree(tmp_path / "runs")
