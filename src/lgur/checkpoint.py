@@ -47,7 +47,7 @@ def tensors_fingerprint(state: dict[str, torch.Tensor]) -> str:
         t = state[k].detach().to("cpu").contiguous()
         h.update(k.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: BN counters
     return h.hexdigest()[:16]
 
 
