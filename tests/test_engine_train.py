@@ -146,3 +146,22 @@ def test_no_val_split_refuses_val_selection_then_selects_on_test(synth_root, tmp
     assert results["selected_on"] == "test" and results["val"] is None and results["best_epoch"] == 1
     assert "selected on test" in (run.parent / "train.log").read_text()
     shutil.rmtree(tmp_path / "runs")
+
+
+def test_bert_runs_only_on_the_real_tokens():
+    """A batch padded to 30 positions whose longest caption has 12 tokens: BERT sees 12 positions."""
+    from lgur.engine.optim import build_optimizer
+    from lgur.engine.trainer import TrainStep
+    from lgur.losses import build_criterion
+    from lgur.models import build_model
+
+    cfg = load_config("lgur_tiny")
+    model = build_model(cfg, 4, pretrained=False)
+    seen = []
+    model.text.backbone.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                                  with_kwargs=True)
+    mask = (torch.arange(30) < torch.tensor([12, 5, 9, 7])[:, None]).long()
+    ids = torch.randint(1000, 5000, (4, 30)) * mask
+    step = TrainStep(model, model, build_criterion(cfg), build_optimizer(model, cfg.optim), torch.device("cpu"))
+    step(torch.randn(4, 3, *cfg.data.image_size), ids, mask, torch.arange(4))
+    assert seen == [(4, 12)]
