@@ -60,7 +60,9 @@ def require_faiss():
 
 
 def fit_pca(embeddings: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
-    """(D, dim) projection: the top eigenvectors of the *uncentred* second moment E[g g^T] of a sample.
+    """(D, dim) orthonormal projection: the top right singular vectors of a sample of the *uncentred* rows
+    (randomised SVD, `torch.svd_lowrank`: ~2 s for 20k x 3072 where an exact eigh of the D x D second
+    moment took ~50 s on 2 cores).
 
     Uncentred on purpose: we need inner products q.g ~ (W^T q).(W^T g), and the best rank-r approximation of
     the gallery rows (truncated SVD) gives that; centring would drop the g.mean term that varies per item.
@@ -71,8 +73,10 @@ def fit_pca(embeddings: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     rows = torch.randperm(n, generator=g)[:PCA_SAMPLE] if n > PCA_SAMPLE else torch.arange(n)
     x = embeddings[rows].float()
-    evals, evecs = torch.linalg.eigh(x.T @ x)  # ascending
-    return evecs[:, -dim:].flip(1).contiguous()
+    with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global generator: seed it locally
+        torch.manual_seed(seed)
+        _, _, v = torch.svd_lowrank(x, q=min(dim + 16, min(x.shape)), niter=4)
+    return v[:, :dim].contiguous()
 
 
 def project(vectors: torch.Tensor, components: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
@@ -156,11 +160,13 @@ class TwoStageSearch:
         return rescore(queries, self.store, cand, k)
 
 
-def build_faiss(vectors: torch.Tensor, kind: str, seed: int = 0, hnsw_m: int = 32, pq_dims: int = 4):
+def build_faiss(vectors: torch.Tensor, kind: str, seed: int = 0, hnsw_m: int = 32, pq_dims: int = 2):
     """Build (train + add) a faiss inner-product index over (N, d) vectors.
 
-    ivfpq: `IVF{nlist},PQ{d/pq_dims}x4fs` (4-bit fast-scan PQ, the fastest IVF-PQ on CPU),
-           nlist ~ 4 sqrt(N) capped so every list gets >= 39 training points; searched with nprobe.
+    ivfpq: `IVF{nlist},PQ{d/pq_dims}x4fs` (4-bit fast-scan PQ, the fastest IVF-PQ on CPU), nlist ~ sqrt(N)
+           (capped so every list gets >= 39 training points); searched with nprobe. Measured at 100k x 256:
+           PQ128x4fs reaches recall 0.97 where PQ64x4fs stalls at 0.93, and 8-bit PQ64 builds 40x slower;
+           4 sqrt(N) lists needed more probes for the same recall (re-id neighbours spread over lists).
     hnsw:  `HNSW{hnsw_m}` over the (reduced) float vectors; searched with efSearch.
     Returns (index, search parameter name).
     """
@@ -168,7 +174,7 @@ def build_faiss(vectors: torch.Tensor, kind: str, seed: int = 0, hnsw_m: int = 3
     n, d = vectors.shape
     x = np.ascontiguousarray(vectors.float().cpu().numpy())
     if kind == "ivfpq":
-        nlist = int(max(1, min(round(4 * n ** 0.5), n // 39)))
+        nlist = int(max(1, min(round(n ** 0.5), n // 39)))
         m = max(1, d // pq_dims)
         while d % m:
             m -= 1

@@ -19,6 +19,7 @@ from typing import Callable, Collection, Sequence
 import torch
 
 from lgur.search.index import GalleryIndex, SearchError
+from lgur.search.topk import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,9 @@ class Searcher:
         if relevant is not None and not callable(relevant) and len(relevant) != len(texts):
             raise SearchError(f"relevant: {len(relevant)} ground-truth sets for {len(texts)} queries")
         with self._lock:
-            scores, ids = self.engine.search(self.encode(texts), k)
+            queries = self.encode(texts)
+            with torch_threads(int(self.cfg.single_query_threads) if len(texts) == 1 else 0):
+                scores, ids = self.engine.search(queries, k)
         results = []
         for qi, (text, s_row, i_row) in enumerate(zip(texts, scores.tolist(), ids.tolist())):
             hits = []

@@ -12,10 +12,32 @@ Why this design (numbers: bench/search.py on the 2-core CPU box, see docs in the
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MAX_SCORES = 1 << 26  # elements of one score buffer (256 MB in fp32)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with torch on `n` intra-op threads (n <= 0: unchanged), then restore.
+
+    Used for single queries (search.single_query_threads): their scan is one memory-bound matrix-vector
+    product per chunk, where one thread already reads ~28 GB/s on the 2-core box, and waking a second thread
+    for each small op cost more than it gave (100k x 3072 fp16: 22 ms on 1 thread, 40 ms on 2). The
+    setting is process-wide, so callers serialise searches (Searcher holds a lock).
+    """
+    before = torch.get_num_threads()
+    if n > 0 and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def batch_compute_dtype(device: torch.device) -> torch.dtype:
