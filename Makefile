@@ -22,6 +22,7 @@ demo: venv
 	$(BIN)/lgur demo --out demo_out
 
 test: venv
+	@bash tools/ensure_chromium.sh
 	$(BIN)/python -m pytest -q tests
 
 bench: venv
