@@ -15,6 +15,8 @@ Rows:
                thread takes tens of minutes)
 "single" = median latency of one query at a time (on search.single_query_threads threads, as Searcher runs
 it; one exact row repeats it on --threads threads); "batch" = per-query time of a batch of --queries queries.
+--encode RECIPE... adds the other half of a query's latency: encoding one caption with that recipe's model
+(random weights, same cost), on search.single_query_threads threads as Searcher does.
 The machine may be shared with other jobs; the load average is printed with the results.
 At 1M the exact batch row is skipped (its bf16 working copy would add 6 GB to the 6 GB fp16 store); the
 fp32 reference scan time is shown instead.
@@ -78,6 +80,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200, help="recall queries (and the batch size)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hnsw-max", type=int, default=100_000, help="largest gallery that gets an HNSW build")
+    ap.add_argument("--encode", nargs="*", default=["lgur_cuhk", "lgur_small_synth"],
+                    help="recipes whose one-caption text encoding is timed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     scfg = defaults().search
@@ -134,7 +138,28 @@ def main() -> None:
                 row(f"{kind}/pca-{r}", n, r, single_ms(engine, queries, one), batch_ms(engine, queries), tuning.recall,
                     f"{param}={tuning.value}; no re-rank R@10 {tuning.recall_no_rerank:.3f}; build {built:.0f} s")
         del store, queries
+    for recipe in args.encode:
+        encode_row(recipe, one)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
+
+
+def encode_row(recipe: str, threads: int) -> None:
+    """Median time to encode one caption with the recipe's model (weights random: the cost is the same)."""
+    from lgur.config import load_config
+    from lgur.models import build_model
+
+    cfg = load_config(recipe)
+    model = build_model(cfg, 0, pretrained=False).eval()
+    caption = "a young man with short black hair wearing a grey hooded jacket, blue jeans and a red backpack"
+    with torch_threads(threads), torch.no_grad():
+        model.encode_captions([caption])
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            model.encode_captions([caption])
+            times.append((time.perf_counter() - t) * 1e3)
+    print(f"text encoding, {recipe} ({cfg.model.text_backbone}, {model.embedding_dim}-d), 1 caption, {threads} "
+          f"thread(s): {statistics.median(times):.1f} ms median")
 
 
 if __name__ == "__main__":

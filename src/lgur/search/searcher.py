@@ -122,10 +122,9 @@ class Searcher:
             raise SearchError(f"k must be at least 1, got {k}")
         if relevant is not None and not callable(relevant) and len(relevant) != len(texts):
             raise SearchError(f"relevant: {len(relevant)} ground-truth sets for {len(texts)} queries")
-        with self._lock:
-            queries = self.encode(texts)
-            with torch_threads(int(self.cfg.single_query_threads) if len(texts) == 1 else 0):
-                scores, ids = self.engine.search(queries, k)
+        # one query = small ops (a short caption, a memory-bound scan): run them on search.single_query_threads
+        with self._lock, torch_threads(int(self.cfg.single_query_threads) if len(texts) == 1 else 0):
+            scores, ids = self.engine.search(self.encode(texts), k)
         results = []
         for qi, (text, s_row, i_row) in enumerate(zip(texts, scores.tolist(), ids.tolist())):
             hits = []

@@ -25,10 +25,11 @@ _MAX_SCORES = 1 << 26  # elements of one score buffer (256 MB in fp32)
 def torch_threads(n: int) -> Iterator[None]:
     """Run the block with torch on `n` intra-op threads (n <= 0: unchanged), then restore.
 
-    Used for single queries (search.single_query_threads): their scan is one memory-bound matrix-vector
-    product per chunk, where one thread already reads ~28 GB/s on the 2-core box, and waking a second thread
-    for each small op cost more than it gave (100k x 3072 fp16: 22 ms on 1 thread, 40 ms on 2). The
-    setting is process-wide, so callers serialise searches (Searcher holds a lock).
+    Used for single queries (search.single_query_threads): encoding one caption is many small ops and the
+    scan is one memory-bound matrix-vector product per chunk, where one thread already reads ~28 GB/s on
+    the 2-core box; waking a second thread for each op cost more than it gave on that (shared) machine
+    (100k x 3072 fp16 scan: 22 ms on 1 thread, 40 ms on 2). The setting is process-wide, so callers
+    serialise searches (Searcher holds a lock).
     """
     before = torch.get_num_threads()
     if n > 0 and n != before:
