@@ -100,6 +100,10 @@ class TrainStep:
     gather_world: int = 1           # > 1: gather embeddings across this many ranks
     grad_clip: float | None = None
 
+    def __post_init__(self):
+        if self.scaler is None:  # a disabled scaler passes backward/step through unchanged
+            self.scaler = grad_scaler(self.device, None)
+
     def __call__(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  labels: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast(self.device, self.dtype):
@@ -110,13 +114,12 @@ class TrainStep:
             labels = gather_labels(labels, self.gather_world)
         loss, logged = self.criterion(outputs, labels, self.core)
         self.optimizer.zero_grad(set_to_none=True)
-        scaler = self.scaler or grad_scaler(self.device, None)
-        scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward()
         if self.grad_clip:
-            scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.core.parameters(), self.grad_clip)
-        scaler.step(self.optimizer)
-        scaler.update()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         return logged
 
 
@@ -211,7 +214,7 @@ class Trainer:
         augment = self.loaders.augment
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "step": self.global_step,
                 "optimizer": s.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": s.scaler.state_dict() if s.scaler is not None else {},
+                "scaler": s.scaler.state_dict(),
                 "criterion": s.criterion.state_dict(), "rng": capture_rng(),
                 "augment": augment.generator(self.env.device).get_state() if augment is not None else None,
                 "best": self.best, "history": self.history}
@@ -220,7 +223,7 @@ class Trainer:
         s = self.step_fn
         s.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if s.scaler is not None and state["scaler"]:
+        if state["scaler"]:  # empty for a disabled (non-fp16) scaler
             s.scaler.load_state_dict(state["scaler"])
         s.criterion.load_state_dict(state["criterion"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["step"]
