@@ -223,7 +223,7 @@ def test_relevant_marks_hits_green(tmp_path, built_index):
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("faiss") is None, reason="faiss not installed")
-def test_index_with_pca_and_ann(tmp_path, built_index, synth_root, tiny_checkpoint, capsys):
+def test_index_with_pca_and_ann(tmp_path, built_index, synth_root, tiny_checkpoint, capsys, monkeypatch):
     copy = tmp_path / "pca.lgidx"
     shutil.copytree(built_index, copy)
     code, stdout, _ = run_cli(capsys, "index", "--checkpoint", tiny_checkpoint, "--images", synth_root / "imgs",
@@ -240,10 +240,20 @@ def test_index_with_pca_and_ann(tmp_path, built_index, synth_root, tiny_checkpoi
     assert type(Searcher(copy).engine).__name__ == "TwoStageSearch"
     for hits in (ann.hits, pca.hits):
         assert len({h.id for h in hits} & {h.id for h in exact.hits}) >= 8  # re-ranked from full dims
+    # without faiss (the GPU box) the index still loads and searches, without its ANN part
+    import lgur.search.ann as ann_mod
+
+    with monkeypatch.context() as m:
+        m.setattr(ann_mod, "faiss_or_none", lambda: None)
+        fallback = Searcher(copy)
+        assert fallback.index.ann is None and type(fallback.engine.first).__name__ == "ExactSearch"
+        assert [h.id for h in fallback.search(["a man in a black jacket"], k=10)[0].hits] == [h.id for h in pca.hits]
+        with pytest.raises(SearchError, match="needs faiss"):
+            Searcher(copy, mode="ann")
     # an update keeps the PCA/ANN settings; --pca 0 --ann none removes them
     code, stdout, _ = run_cli(capsys, "index", "--checkpoint", tiny_checkpoint, "--images", synth_root / "imgs",
                               "--out", copy, "--workers", "0", "--quiet")
-    assert "PCA 192 -> 32" in stdout and "ANN hnsw" in stdout
+    assert "PCA 192 -> 32" in stdout and "ANN hnsw" in stdout and "< search.ann_threshold" in stdout
     code, stdout, _ = run_cli(capsys, "index", "--checkpoint", tiny_checkpoint, "--images", synth_root / "imgs",
                               "--out", copy, "--pca", "0", "--ann", "none", "--workers", "0", "--quiet")
     manifest = json.loads((copy / "manifest.json").read_text())

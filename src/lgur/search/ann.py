@@ -277,6 +277,9 @@ def attach_reduction(index, pca_dim: int | None, ann_kind: str | None, scfg) -> 
                                  "recall@10_no_rerank": tuning.recall_no_rerank, "rerank": int(scfg.rerank),
                                  "queries": tuning.queries, "build_seconds": round(built, 2)}
         notes.append(f"ANN {ann_kind} over {vectors.shape[1]}-d vectors, built in {built:.1f} s; {tuning.describe()}")
+        if n < int(scfg.ann_threshold):
+            notes.append(f"note: {n} images < search.ann_threshold={scfg.ann_threshold}: `lgur search` scans "
+                         f"{'the PCA vectors' if components is not None else 'exactly'} unless given --mode ann")
         if tuning.recall < float(scfg.ann_recall_target):
             notes.append(f"warning: ANN recall@10 {tuning.recall:.3f} is below the target "
                          f"{scfg.ann_recall_target} even at the largest {tuning.param}")

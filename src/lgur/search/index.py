@@ -15,6 +15,7 @@ Re-running on the same folder reuses every row whose file has the same relative 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lgur.errors import LgurError
@@ -84,7 +86,7 @@ class GalleryIndex:
         try:
             emb = load_file(str(path / "embeddings.safetensors"))["embeddings"]
             pca = load_file(str(path / "pca.safetensors")) if manifest.get("pca") else {}
-        except (OSError, KeyError, Exception) as e:  # safetensors raises its own error types
+        except (OSError, KeyError, SafetensorError) as e:
             raise SearchError(f"{path}: corrupt or missing embeddings ({type(e).__name__}: {e})") from None
         files = manifest.pop("files")
         if emb.shape[0] != len(files):
@@ -161,7 +163,7 @@ def _stat(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _previous(out: Path, fingerprint: str, root: Path) -> tuple[GalleryIndex | None, str]:
+def _previous(out: Path, fingerprint: str, root: Path, dtype: str) -> tuple[GalleryIndex | None, str]:
     """The index at `out` if its rows can be reused, else (None, why not)."""
     if not out.exists():
         return None, ""
@@ -170,6 +172,8 @@ def _previous(out: Path, fingerprint: str, root: Path) -> tuple[GalleryIndex | N
         return None, f"the checkpoint differs from the one the index was built with ({old.fingerprint} -> {fingerprint})"
     if old.images_root != root:
         return None, f"the images root changed ({old.images_root} -> {root})"
+    if old.manifest["dtype"] != dtype:  # fp16 rows widened to fp32 would not be fp32 encodings
+        return None, f"the stored dtype changed ({old.manifest['dtype']} -> {dtype})"
     return old, ""
 
 
@@ -184,7 +188,8 @@ def encode_files(model, dataset, positions: list[int], batch_size: int, num_work
     loader = DataLoader(Subset(dataset, positions), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=Collate(pad_id=0), pin_memory=device.type == "cuda")
     embs, done = [], []
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    # bf16 autocast on CUDA (fast, and the rows are stored in fp16 anyway); plain fp32 on CPU
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with torch.no_grad(), amp, tqdm(total=len(positions), desc="encoding images", unit="img", disable=not progress) as bar:
         for batch in loader:
             if batch["indices"].numel():
@@ -215,7 +220,7 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, dty
     checkpoint, root, out = Path(checkpoint).resolve(), Path(images).expanduser().resolve(), Path(out)
     fingerprint = read_metadata(checkpoint)["fingerprint"]
     report = BuildReport()
-    old, report.reencode_reason = _previous(out, fingerprint, root)
+    old, report.reencode_reason = _previous(out, fingerprint, root, dtype)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg, _ = load_model(checkpoint, device=dev)
