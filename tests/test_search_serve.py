@@ -66,8 +66,8 @@ def test_search_api_rejects_bad_input(client, body):
 
 
 def test_search_api_rejects_non_json(client):
-    for content, ctype in ((b"query=a+man&k=5", "application/x-www-form-urlencoded"), (b"{not json", "application/json"),
-                           (b"", "application/json")):
+    for content, ctype in ((b"query=a+man&k=5", "application/x-www-form-urlencoded"),
+                           (b"{not json", "application/json"), (b"", "application/json")):
         r = client.post("/api/search", content=content, headers={"content-type": ctype})
         assert 400 <= r.status_code < 500 and "error" in r.json()
     assert client.get("/api/search").status_code == 405

@@ -12,7 +12,6 @@ Recall queries (`recall_queries`): held-out perturbations of gallery vectors, q 
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -20,8 +19,6 @@ import numpy as np
 import torch
 
 from lgur.search.topk import ExactSearch, rescore
-
-log = logging.getLogger(__name__)
 
 ANN_KINDS = ("ivfpq", "hnsw")
 _FAISS_THREADS_SET = False

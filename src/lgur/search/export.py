@@ -106,7 +106,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17) -> str
         warnings.filterwarnings("ignore", message=".*variable length with LSTM.*")
         # the TorchScript exporter on purpose: the torch.export one needs onnxscript (not a dependency) and
         # this path is verified by the parity check
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*",
+                                category=DeprecationWarning)
         torch.onnx.export(image_net, (images,), str(out / "image_encoder.onnx"), input_names=["images"],
                           output_names=["embedding"],
                           dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}}, **common)
@@ -138,4 +139,5 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17) -> str
     (out / "export.json").write_text(json.dumps(info, indent=1))
     d = info["parity_max_abs_diff"]
     return (f"wrote {out}/image_encoder.onnx, text_encoder.onnx, tokenizer/, export.json\n"
-            f"onnxruntime vs PyTorch, max abs difference of the embeddings: image {d['image']:.2e}, text {d['text']:.2e}")
+            f"onnxruntime vs PyTorch, max abs difference of the embeddings: image {d['image']:.2e}, "
+            f"text {d['text']:.2e}")

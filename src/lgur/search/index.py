@@ -169,7 +169,7 @@ def _previous(out: Path, fingerprint: str, root: Path, dtype: str) -> tuple[Gall
         return None, ""
     old = GalleryIndex.load(out, with_ann=False)
     if old.fingerprint != fingerprint:
-        return None, f"the checkpoint differs from the one the index was built with ({old.fingerprint} -> {fingerprint})"
+        return None, f"the checkpoint differs from the index's ({old.fingerprint} -> {fingerprint})"
     if old.images_root != root:
         return None, f"the images root changed ({old.images_root} -> {root})"
     if old.manifest["dtype"] != dtype:  # fp16 rows widened to fp32 would not be fp32 encodings
@@ -190,7 +190,8 @@ def encode_files(model, dataset, positions: list[int], batch_size: int, num_work
     embs, done = [], []
     # bf16 autocast on CUDA (fast, and the rows are stored in fp16 anyway); plain fp32 on CPU
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with torch.no_grad(), amp, tqdm(total=len(positions), desc="encoding images", unit="img", disable=not progress) as bar:
+    bar = tqdm(total=len(positions), desc="encoding images", unit="img", disable=not progress)
+    with torch.no_grad(), amp, bar:
         for batch in loader:
             if batch["indices"].numel():
                 embs.append(model.encode_images(batch["images"].to(device, non_blocking=True)).float().cpu())

@@ -10,7 +10,6 @@ model would rank with incompatible embeddings, so that is refused, not warned ab
 """
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,6 @@ import torch
 
 from lgur.search.index import GalleryIndex, SearchError
 from lgur.search.topk import torch_threads
-
-log = logging.getLogger(__name__)
 
 SEARCH_MODES = ("auto", "exact", "ann")
 # ground truth for marking hits: one collection of correct relative paths per query, or a predicate
