@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -111,15 +110,15 @@ def teardown(env: DistEnv) -> None:
 
 def relaunch(nproc: int, argv: list[str]) -> int:
     """`lgur train --nproc N ...`: run `python -m lgur train ...` under torch.distributed.run."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     if nproc < 2:
         raise ConfigError(f"--nproc must be at least 2, got {nproc}")
-    args = ["--standalone", f"--nproc_per_node={nproc}", "--module", "lgur", *argv]
     try:
-        torchrun(args)
-    except SystemExit as e:  # torchrun exits with the workers' failure code
-        return int(e.code or 0)
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "--module", "lgur", *argv])
+    except ChildFailedError:  # torchrun has printed which rank failed and how
+        return 1
     return 0
 
 
@@ -135,7 +134,3 @@ def strip_nproc(argv: list[str]) -> list[str]:
             out.append(a)
     return out
 
-
-def program_argv() -> list[str]:
-    """The arguments after `lgur` / `python -m lgur`."""
-    return sys.argv[1:]
