@@ -23,7 +23,7 @@ demo: venv
 
 test: venv
 	@bash tools/ensure_chromium.sh
-	$(BIN)/python -m pytest -q tests
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests
 
 bench: venv
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
