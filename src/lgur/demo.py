@@ -37,7 +37,8 @@ def chance_metrics(query_ids: list[int], gallery_ids: list[int], ks=(1, 5, 10)) 
     count, g = Counter(gallery_ids), len(gallery_ids)
     out = {}
     for k in ks:
-        out[f"R@{k}"] = sum(1 - math.comb(g - count[q], k) / math.comb(g, k) for q in query_ids) / len(query_ids)
+        kk = min(k, g)  # a gallery smaller than k is always fully listed
+        out[f"R@{k}"] = sum(1 - math.comb(g - count[q], kk) / math.comb(g, kk) for q in query_ids) / len(query_ids)
     out["mAP"] = sum(count[q] / g for q in query_ids) / len(query_ids)
     return out
 
