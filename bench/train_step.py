@@ -25,6 +25,7 @@ import argparse
 import statistics
 import time
 
+import lgur  # noqa: F401  (first: sets lgur's OpenMP policy before torch loads, as `lgur train` runs)
 import torch
 
 from lgur.config import load_config

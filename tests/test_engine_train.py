@@ -165,3 +165,31 @@ def test_bert_runs_only_on_the_real_tokens():
     step = TrainStep(model, model, build_criterion(cfg), build_optimizer(model, cfg.optim), torch.device("cpu"))
     step(torch.randn(4, 3, *cfg.data.image_size), ids, mask, torch.arange(4))
     assert seen == [(4, 12)]
+
+
+def test_amp_modes_and_a_bf16_step():
+    from lgur.engine.optim import build_optimizer
+    from lgur.engine.precision import resolve_amp
+    from lgur.engine.trainer import TrainStep
+    from lgur.errors import ConfigError
+    from lgur.losses import build_criterion
+    from lgur.models import build_model
+
+    cpu = torch.device("cpu")
+    from lgur.engine.precision import cpu_has_fast_bf16
+
+    assert resolve_amp("auto", cpu) is (torch.bfloat16 if cpu_has_fast_bf16() else None)
+    assert resolve_amp(False, cpu) is None  # YAML reads `off` as False
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16"):
+        resolve_amp("fp16", cpu)
+    cfg = load_config("lgur_tiny", ["model.text_dropout_in_train=false"])
+    batch = (torch.randn(4, 3, *cfg.data.image_size), torch.randint(1000, 5000, (4, 9)),
+             torch.ones(4, 9, dtype=torch.long), torch.arange(4))
+    losses = []
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = build_model(cfg, 4, pretrained=False)
+        step = TrainStep(model, model, build_criterion(cfg), build_optimizer(model, cfg.optim), cpu, dtype)
+        losses.append(float(step(*batch)["loss"]))
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)  # same loss up to bf16 rounding

@@ -35,7 +35,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--i2t", action="store_true", help="also image -> text retrieval")
     e.add_argument("--batch-size", type=int, help="encoding batch size (default: the model's eval.batch_size)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    e.add_argument("--amp", default="auto", help="auto | bf16 | fp16 | off")
+    e.add_argument("--amp", help="auto | bf16 | fp16 | off (default: the model's train.amp, so the numbers "
+                                 "match the ones logged in training)")
     e.add_argument("--workers", type=int, default=2, help="image loader workers")
     e.add_argument("--out", help="also write the metrics to this JSON file")
     e.set_defaults(func=run_eval)
@@ -108,7 +109,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise DataError(f"{ann.annotation_file}: the {args.split} split is empty (layout {ann.layout})")
     split = build_eval_split(args.split, records, model, cfg, args.batch_size or cfg.eval.batch_size, args.workers)
     directions = (args.protocol, "i2t") if args.i2t else (args.protocol,)
-    metrics = evaluate(model, split, device, resolve_amp(args.amp, device), lambda x, train: x, directions,
+    dtype = resolve_amp(cfg.train.amp if args.amp is None else args.amp, device)
+    metrics = evaluate(model, split, device, dtype, lambda x, train: x, directions,
                        cfg.eval.chunk_size)
     print(f"model {ckpt} (fingerprint {meta['fingerprint']}) on {args.data_root} [{ann.layout}], "
           f"{args.split} split: {len(split.captions)} captions x {len(split.images)} images")
