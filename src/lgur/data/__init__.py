@@ -6,8 +6,7 @@ on first use of their names.
 """
 from __future__ import annotations
 
-import importlib
-
+from lgur._lazy import lazy_exports
 from lgur.data.annotations import Annotations, Problem, Problems, Record, load_annotations
 
 # name -> (module, attribute) of the torch-side API, imported on first use
@@ -17,11 +16,5 @@ _LAZY = {name: ("datasets", name) for name in ("build_loaders", "build_eval_spli
 _LAZY |= {name: ("transforms", name) for name in ("DeviceAugment", "build_train_transform", "build_test_transform")}
 _LAZY["generate_synthetic"] = ("synth", "generate")
 
-__all__ = ["Annotations", "Problem", "Problems", "Record", "load_annotations", *_LAZY]
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'lgur.data' has no attribute '{name}'")
-    module, attr = _LAZY[name]
-    return getattr(importlib.import_module(f"lgur.data.{module}"), attr)
+_lazy_names, __getattr__ = lazy_exports(__name__, _LAZY)
+__all__ = ["Annotations", "Problem", "Problems", "Record", "load_annotations", *_lazy_names]

@@ -8,17 +8,8 @@ Names resolve lazily so `import lgur.engine.cli` (the `lgur` command) does not i
 """
 from __future__ import annotations
 
-import importlib
+from lgur._lazy import lazy_exports
 
-_LAZY = {"train": "lgur.engine.trainer", "build_trainer": "lgur.engine.trainer", "Trainer": "lgur.engine.trainer",
-         "TrainStep": "lgur.engine.trainer", "evaluate": "lgur.engine.evaluation",
-         "build_optimizer": "lgur.engine.optim", "build_scheduler": "lgur.engine.optim",
-         "param_groups": "lgur.engine.optim"}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lgur.engine' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, {
+    "train": "trainer", "build_trainer": "trainer", "Trainer": "trainer", "TrainStep": "trainer",
+    "evaluate": "evaluation", "build_optimizer": "optim", "build_scheduler": "optim", "param_groups": "optim"})

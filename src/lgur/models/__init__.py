@@ -7,15 +7,6 @@ Names resolve lazily so `import lgur.models.cli` (the `lgur` command) does not i
 """
 from __future__ import annotations
 
-import importlib
+from lgur._lazy import lazy_exports
 
-_LAZY = {"LGUR": "lgur.models.lgur", "build_model": "lgur.models.lgur",
-         "retrieval_embedding": "lgur.models.lgur"}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lgur.models' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, {"LGUR": "lgur", "build_model": "lgur", "retrieval_embedding": "lgur"})

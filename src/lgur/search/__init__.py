@@ -10,19 +10,11 @@ Names resolve lazily so the `lgur` command's parser does not import torch.
 """
 from __future__ import annotations
 
-import importlib
+from lgur._lazy import lazy_exports
 
-_LAZY = {
+__all__, __getattr__ = lazy_exports(__name__, {
     "GalleryIndex": "index", "build_index": "index", "BuildReport": "index", "SearchError": "index",
     "Searcher": "searcher", "Hit": "searcher", "QueryResult": "searcher",
     "ExactSearch": "topk", "TwoStageSearch": "ann", "write_html": "sheet", "write_png": "sheet",
     "create_app": "server", "export_onnx": "export",
-}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"lgur.search.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'lgur.search' has no attribute {name!r}")
+})

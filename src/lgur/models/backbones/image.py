@@ -169,17 +169,21 @@ def _timm_vit(arch: str, image_size: Sequence[int], **kwargs) -> nn.Module:
                              global_pool="", **kwargs)
 
 
+def _with_weights(bb: "ViTTokens", mcfg, pretrained: bool, name: str) -> "ViTTokens":
+    """Load mcfg.image_weights into a ViT backbone (CLIP names for clip_vit_b16), or warn about random init."""
+    if pretrained and mcfg.image_weights:
+        bb.load_report = _load_timm_vit(bb, mcfg.image_weights, clip=name == "clip_vit_b16")
+    elif pretrained:
+        _random_init_warning(name)
+    return bb
+
+
 def _deit_small(mcfg, image_size, pretrained: bool) -> ImageBackbone:
     # linspace(0, p, 12)[:11] == linspace(0, p * 10/11, 11): the 11th block gets 0.0909 for p = 0.1
     rate = float(mcfg.drop_path) * (DEIT_USED - 1) / (DEIT_DEPTH - 1)
     vit = _timm_vit("deit_small_patch16_224", image_size, depth=DEIT_USED, final_norm=False,
                     drop_path_rate=rate)
-    bb = ViTTokens(vit, 384, mcfg.dim, IMAGENET_MEAN, IMAGENET_STD)
-    if pretrained and mcfg.image_weights:
-        bb.load_report = _load_timm_vit(bb, mcfg.image_weights, clip=False)
-    elif pretrained:
-        _random_init_warning("deit_small")
-    return bb
+    return _with_weights(ViTTokens(vit, 384, mcfg.dim, IMAGENET_MEAN, IMAGENET_STD), mcfg, pretrained, "deit_small")
 
 
 def _vit_tiny(mcfg, image_size, pretrained: bool) -> ImageBackbone:
@@ -193,12 +197,7 @@ def _vit_tiny(mcfg, image_size, pretrained: bool) -> ImageBackbone:
 
 def _clip_vit_b16(mcfg, image_size, pretrained: bool) -> ImageBackbone:
     vit = _timm_vit("vit_base_patch16_clip_quickgelu_224", image_size, drop_path_rate=float(mcfg.drop_path))
-    bb = ViTTokens(vit, 768, mcfg.dim, CLIP_MEAN, CLIP_STD)
-    if pretrained and mcfg.image_weights:
-        bb.load_report = _load_timm_vit(bb, mcfg.image_weights, clip=True)
-    elif pretrained:
-        _random_init_warning("clip_vit_b16")
-    return bb
+    return _with_weights(ViTTokens(vit, 768, mcfg.dim, CLIP_MEAN, CLIP_STD), mcfg, pretrained, "clip_vit_b16")
 
 
 def _resnet50(mcfg, image_size, pretrained: bool) -> ImageBackbone:
