@@ -84,19 +84,12 @@ def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
 
 
 def build_eval_split(name: str, records: list, model: torch.nn.Module, cfg, batch_size: int, workers: int = 0):
-    """An EvalSplit (gallery images + query captions) of any dataset's records, prepared the way `model`
-    expects (its image size, normalisation and tokenizer), without building a training set."""
-    from torch.utils.data import DataLoader
+    """An EvalSplit of any dataset's records, prepared the way `model` expects (its image size,
+    normalisation and tokenizer), without building a training set; `workers` image-loading processes."""
+    import copy
 
-    from lgur.data.datasets import Collate, EvalCaptions, EvalImages, EvalSplit
-    from lgur.data.transforms import build_test_transform
+    from lgur.data.datasets import build_eval_split as build
 
-    dc = cfg.data
-    transform = build_test_transform(dc.image_size, model.image_mean, model.image_std, dc.interpolation)
-    images = EvalImages(records, transform=transform, blank=torch.zeros(3, *dc.image_size))
-    captions = EvalCaptions(records, model.tokenizer, dc.max_caption_tokens, name)
-    collate = Collate(model.tokenizer.pad_token_id)
-    image_loader = DataLoader(images, batch_size=batch_size, collate_fn=collate, num_workers=workers,
-                              pin_memory=torch.cuda.is_available())
-    return EvalSplit(name, images, captions, image_loader, DataLoader(captions, batch_size=batch_size,
-                                                                      collate_fn=collate))
+    cfg = copy.deepcopy(cfg)
+    cfg.data.num_workers = workers
+    return build(name, records, model.tokenizer, cfg, model.image_mean, model.image_std, batch_size=batch_size)
