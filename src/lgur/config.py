@@ -93,12 +93,47 @@ def _merge(dst: dict, src: dict, strict: bool, where: str, prefix: str = "") -> 
 
 
 def _coerce(old: Any, new: Any, key: str, where: str) -> Any:
-    """YAML reads `1e-4` as a string; accept it where the default is a number."""
-    if isinstance(new, str) and isinstance(old, float) and not isinstance(old, bool):
-        try:
-            return float(new)
-        except ValueError:
-            raise ConfigError(f"{where}: '{key}' must be a number, got '{new}'") from None
+    """Check `new` against the type of the default `old` (yacs-style): int stays int, bool stays bool, lists stay
+    lists (element types checked against the default's elements), a float accepts ints and numeric strings
+    (YAML reads `1e-4` as a string). A null default takes any scalar or list; only a null default takes null."""
+    def bad(kind: str) -> ConfigError:
+        return ConfigError(f"{where}: '{key}' must be {kind}, got {new!r}")
+
+    if old is None or isinstance(old, dict):
+        return new
+    if new is None:
+        raise bad(f"a value like its default {old!r} (null is allowed only where the default is null)")
+    if isinstance(old, bool):
+        if not isinstance(new, bool):
+            raise bad("true or false")
+        return new
+    if isinstance(old, int):
+        if isinstance(new, bool) or not isinstance(new, int):
+            raise bad("an integer")
+        return new
+    if isinstance(old, float):
+        if isinstance(new, str):
+            try:
+                return float(new)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(new, bool) or not isinstance(new, (int, float)):
+            raise bad("a number")
+        return float(new)
+    if isinstance(old, str):
+        if isinstance(new, bool):  # YAML 1.1 reads a bare off/no (on/yes) as a boolean: `amp: off`
+            return "on" if new else "off"
+        if isinstance(new, (int, float)):
+            return str(new)  # `name=2024`: YAML read a number where a string is meant
+        if not isinstance(new, str):
+            raise bad("a string")
+        return new
+    if isinstance(old, list):
+        if not isinstance(new, list):
+            raise bad("a list, e.g. [1, 2]")
+        if old:
+            return [_coerce(old[0], v, f"{key}[{i}]", where) for i, v in enumerate(new)]
+        return new
     return new
 
 
