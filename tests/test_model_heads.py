@@ -275,7 +275,9 @@ def test_ablation_builds_only_what_it_uses_and_trains_a_step(name):
 
 
 def test_bad_model_config_is_refused(tiny_cfg):
-    for override in ("model.name=transformer", "model.dict_size=0", "model.recon_heads=2.5"):
+    for override in ("model.name=transformer", "model.dict_size=0"):
         cfg = load_config("configs/lgur_tiny.yaml", [override])
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             LGUR(cfg.model, image=torch.nn.Identity(), text=torch.nn.Identity())
+    with pytest.raises(ConfigError, match="model.recon_heads"):  # a wrong type stops at the config already
+        load_config("configs/lgur_tiny.yaml", ["model.recon_heads=2.5"])

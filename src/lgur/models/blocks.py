@@ -42,6 +42,9 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
+        # set to a list by lgur.models.explain.record_attention: forward then appends its attention
+        # probabilities (B, heads, N, M), computed explicitly instead of by the fused kernel
+        self.attention_log: list[torch.Tensor] | None = None
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -57,7 +60,13 @@ class CrossAttention(nn.Module):
         if k.shape[0] != b:
             k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
         bias = None if key_mask is None else key_padding_bias(key_mask, q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale = head_dim ** -0.5
+        if self.attention_log is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale = head_dim ** -0.5
+        else:  # the same softmax(q k^T / sqrt(d) + bias) v, written out so the probabilities can be kept
+            logits = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
+            probs = (logits if bias is None else logits + bias).softmax(dim=-1)
+            self.attention_log.append(probs.detach())
+            out = probs @ v
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
