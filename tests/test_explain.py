@@ -87,3 +87,41 @@ def test_ablations_say_what_they_cannot_explain():
                        num_classes=0, pretrained=False)
     assert len(limitations(base)) == 2
     assert limitations(build_model(load_config("lgur_tiny"), 0, pretrained=False)) == []
+
+
+@pytest.fixture(scope="module")
+def tiny_searcher(tmp_path_factory, synth_root):
+    from lgur.checkpoint import save_model
+    from lgur.search.index import build_index
+    from lgur.search.searcher import Searcher
+
+    d = tmp_path_factory.mktemp("explain")
+    cfg = load_config("lgur_tiny")
+    torch.manual_seed(0)
+    save_model(build_model(cfg, 0, pretrained=False), cfg, d / "tiny.safetensors", 0)
+    build_index(d / "tiny.safetensors", synth_root / "imgs", d / "g.lgidx", num_workers=0, progress=False)
+    return Searcher(d / "g.lgidx")
+
+
+def test_search_hits_explained(tiny_searcher):
+    from PIL import Image
+
+    from lgur.search.explain import explain_result, overlay
+
+    [result] = tiny_searcher.search("a woman in a red coat with a black backpack", k=4)
+    ex = explain_result(tiny_searcher, result)
+    assert [h.id for h in ex.hits] == [h.id for h in result.hits]
+    for hit, h in zip(result.hits, ex.hits):
+        assert sum(p.contribution for p in h.parts) == pytest.approx(h.score, abs=1e-5)
+        assert h.score == pytest.approx(hit.score, abs=2e-2)  # the scan may run in fp16; the parts in fp32
+        assert [p.contribution for p in h.parts] == sorted((p.contribution for p in h.parts), reverse=True)
+        assert h.part_attention.shape == (6, 8, 4) and h.foreground.shape == (8, 4)
+        crop = Image.open(hit.file)
+        assert overlay(crop, h.part_attention[h.strongest]).size == crop.size
+        assert overlay(crop, h.foreground, color="#ff7f0e").size == crop.size
+    assert ex.words[:2] == ["a", "woman"] and len(ex.word_part) == len(ex.words)
+    d = ex.to_dict()
+    assert len(d["hits"]) == 4 and len(d["hits"][0]["part_attention"]) == 6
+    import json
+
+    json.dumps(d)  # JSON-ready for the web API

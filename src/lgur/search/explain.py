@@ -1,0 +1,159 @@
+"""Explain search hits: which prototype part matched which words, and where on the crop (lgur.models.explain).
+
+    from lgur.search.explain import explain_result
+    [result] = searcher.search("a woman in a red coat", k=10)
+    ex = explain_result(searcher, result)          # one text forward + one image forward of the k hits
+    ex.hits[0].parts[0]                            # the part that contributed most: contribution, top words
+
+Per hit: the K part contributions (they add up to the hit's score), each part's attention over the crop's
+patches and the foreground gate M (maps on the backbone's token grid). Per query: each part's attention over
+the query's words. `overlay` draws a map over the crop at the crop's own size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lgur.data.images import DECODE_ERRORS, load_rgb
+from lgur.models.explain import image_evidence, limitations, part_contributions, text_evidence
+
+# one colour per prototype part (tab10's first colours), used by the sheets and the web page alike
+PART_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf"]
+TOP_WORDS = 3
+
+
+def part_color(k: int) -> str:
+    return PART_COLORS[k % len(PART_COLORS)]
+
+
+@dataclass
+class PartExplanation:
+    part: int
+    contribution: float                 # this part's share of the cosine score
+    top_words: list[tuple[str, float]]  # the query words this part attends to most, with their weights
+
+    def to_dict(self) -> dict:
+        return {"part": self.part, "contribution": round(self.contribution, 6), "color": part_color(self.part),
+                "top_words": [[w, round(a, 4)] for w, a in self.top_words]}
+
+
+@dataclass
+class HitExplanation:
+    id: int
+    score: float
+    parts: list[PartExplanation]            # sorted by contribution, largest first
+    part_attention: np.ndarray | None       # (K, h, w), each part's attention over the patches (sums to 1)
+    foreground: np.ndarray | None           # (h, w), gate M in (0, 1)
+
+    @property
+    def strongest(self) -> int | None:
+        return self.parts[0].part if self.parts else None
+
+    def to_dict(self) -> dict:
+        def grid(a):
+            return None if a is None else np.round(a.astype(np.float64), 5).tolist()
+        return {"id": self.id, "score": round(self.score, 6), "parts": [p.to_dict() for p in self.parts],
+                "strongest": self.strongest, "part_attention": grid(self.part_attention),
+                "foreground": grid(self.foreground)}
+
+
+@dataclass
+class QueryExplanation:
+    query: str
+    words: list[str]
+    word_attention: np.ndarray | None  # (K, n_words), each part's attention over the words (rows sum to 1)
+    word_part: list[int | None]        # per word, the part that attends to it most (its colour)
+    hits: list[HitExplanation] = field(default_factory=list)
+    limitations: list[str] = field(default_factory=list)
+    reduction: str = "mean over the prototype decoder's layers and heads"
+
+    def to_dict(self) -> dict:
+        return {"query": self.query, "words": self.words, "word_part": self.word_part,
+                "word_attention": None if self.word_attention is None
+                else np.round(self.word_attention.astype(np.float64), 5).tolist(),
+                "hits": [h.to_dict() for h in self.hits], "limitations": self.limitations,
+                "reduction": self.reduction, "part_colors": PART_COLORS}
+
+
+def _image_batch(searcher, ids: Sequence[int]) -> tuple[torch.Tensor, list[bool]]:
+    """The hits' crops through the model's test transform (a blank image where a file cannot be read)."""
+    from lgur.checkpoint import read_metadata
+    from lgur.data import build_test_transform
+
+    cfg = read_metadata(searcher.checkpoint)["config"]
+    transform = build_test_transform(cfg.data.image_size, searcher.model.image_mean, searcher.model.image_std,
+                                     cfg.data.interpolation)
+    tensors, ok = [], []
+    for i in ids:
+        try:
+            im = load_rgb(searcher.index.file(i))
+            ok.append(True)
+        except DECODE_ERRORS:
+            im = Image.new("RGB", tuple(cfg.data.image_size[::-1]), (128, 128, 128))
+            ok.append(False)
+        tensors.append(transform(im))
+    return torch.stack(tensors), ok
+
+
+@torch.no_grad()
+def explain_hits(searcher, query: str, ids: Sequence[int]) -> QueryExplanation:
+    """Explanations of gallery rows `ids` for `query`. Contributions come from the stored embeddings (so they
+    add up to the score the search reported); maps from one recorded forward of the hits' crops."""
+    model = searcher.model
+    text = text_evidence(model, [query])
+    txt_emb = text.embeddings[0].float().cpu()
+    ids = list(ids)
+    stored = searcher.index.embeddings[ids].float() if ids else torch.empty(0, txt_emb.numel())
+    contrib = part_contributions(stored, txt_emb, model.num_parts)
+    words = text.words[0]
+    wa = text.word_attention[0].numpy() if text.word_attention is not None else None
+    word_part = [int(wa[:, j].argmax()) for j in range(len(words))] if wa is not None else [None] * len(words)
+    top = []
+    for k in range(model.num_parts):
+        order = np.argsort(-wa[k])[:TOP_WORDS] if wa is not None else []
+        top.append([(words[j], float(wa[k, j])) for j in order])
+    maps = None
+    if ids and (model.decoder is not None or (model.dga is not None and model.dga.gate is not None)):
+        images, _ = _image_batch(searcher, ids)
+        maps = image_evidence(model, images.to(next(model.parameters()).device))
+    out = QueryExplanation(query, words, wa, word_part, limitations=limitations(model))
+    for j, i in enumerate(ids):
+        c = contrib[j].tolist()
+        parts = sorted((PartExplanation(k, c[k], top[k]) for k in range(model.num_parts)),
+                       key=lambda p: -p.contribution)
+        pa = maps.part_attention[j].cpu().numpy() if maps is not None and maps.part_attention is not None else None
+        fg = maps.foreground[j].cpu().numpy() if maps is not None and maps.foreground is not None else None
+        # the score recomputed in fp32 from the stored row: exactly the sum of the parts (the search's own score
+        # may come from an fp16/bf16 scan and differ in the 3rd-4th digit)
+        out.hits.append(HitExplanation(int(i), float(contrib[j].sum()), parts, pa, fg))
+    return out
+
+
+def explain_result(searcher, result) -> QueryExplanation:
+    """Explain every hit of a QueryResult."""
+    return explain_hits(searcher, result.query, [h.id for h in result.hits])
+
+
+def overlay(image: Image.Image, grid_map: np.ndarray, color: str | None = None, alpha: float = 0.55) -> Image.Image:
+    """The crop with `grid_map` (h, w) drawn over it at the crop's own size: bilinear upsampling, scaled to its
+    maximum; a heat colour map, or shades of `color` (hex) when given."""
+    import matplotlib
+
+    m = np.asarray(grid_map, dtype=np.float32)
+    m = m / m.max() if m.max() > 0 else m
+    heat = Image.fromarray((m * 255).astype(np.uint8), "L").resize(image.size, Image.Resampling.BILINEAR)
+    h = np.asarray(heat, dtype=np.float32) / 255.0
+    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    if color is None:
+        rgb = matplotlib.colormaps["inferno"](h)[..., :3]
+    else:
+        c = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)], dtype=np.float32) / 255.0
+        rgb = np.broadcast_to(c, base.shape)
+    a = (alpha * h)[..., None]
+    out = base * (1 - a) + rgb * a
+    return Image.fromarray(np.clip(out * 255 + 0.5, 0, 255).astype(np.uint8), "RGB")
