@@ -233,7 +233,7 @@ def test_index_with_pca_and_ann(tmp_path, built_index, synth_root, tiny_checkpoi
     assert re.search(r"ANN hnsw over 32-d vectors.*efSearch=\d+: recall@10 [\d.]+", stdout)
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest["pca"]["dim"] == 32 and manifest["ann"]["kind"] == "hnsw"
-    assert 0 <= manifest["ann"]["recall@10"] <= 1 and (copy / "ann.faiss").is_file()
+    assert 0 <= manifest["ann"]["recall@10"] <= 1 and (copy / manifest["data"] / "ann.faiss").is_file()
     exact = Searcher(copy, mode="exact").search(["a man in a black jacket"], k=10)[0]
     ann = Searcher(copy, mode="ann").search(["a man in a black jacket"], k=10)[0]
     pca = Searcher(copy).search(["a man in a black jacket"], k=10)[0]  # below ann_threshold: PCA scan
@@ -257,6 +257,237 @@ def test_index_with_pca_and_ann(tmp_path, built_index, synth_root, tiny_checkpoi
     code, stdout, _ = run_cli(capsys, "index", "--checkpoint", tiny_checkpoint, "--images", synth_root / "imgs",
                               "--out", copy, "--pca", "0", "--ann", "none", "--workers", "0", "--quiet")
     manifest = json.loads((copy / "manifest.json").read_text())
-    assert manifest["pca"] is None and manifest["ann"] is None and not (copy / "ann.faiss").exists()
+    assert manifest["pca"] is None and manifest["ann"] is None and not (copy / manifest["data"] / "ann.faiss").exists()
+    assert [p.name for p in copy.glob("data-*")] == [manifest["data"]]  # the superseded versions are gone
     with pytest.raises(SearchError, match="no ANN index"):
         Searcher(copy, mode="ann")
+
+
+# ---------------------------------------------------------------------------------------------------
+# on-disk format: atomic saves, stale leftovers, malformed manifests, metadata columns
+
+
+def fake_index(n: int, d: int = 8, seed: int = 0) -> GalleryIndex:
+    """An index without a model: random unit rows, paths c{i%3}/{i}.jpg."""
+    from lgur.search.index import Rows
+    from lgur.search.topk import Shards
+
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1).half()
+    rows = Rows.from_dicts([{"path": f"c{i % 3}/{i:04d}.jpg", "size": i, "mtime_ns": seed, "camera": i % 3}
+                            for i in range(n)])
+    manifest = {"fingerprint": f"fp{seed}", "checkpoint": "ck", "images_root": "/nowhere", "dtype": "fp16", "dim": d,
+                "skipped": [], "pca": None, "ann": None}
+    return GalleryIndex(manifest, rows, Shards([emb]))
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so no `except Exception` handler sees it."""
+
+
+def test_save_is_atomic_at_every_step(tmp_path, monkeypatch):
+    """Kill the save at each file-system step in turn: the path always loads, as the old or the new index,
+    and the next save leaves exactly one data version and no temp files (lgur-index-1 left nothing at the
+    path when killed between its two renames, and leaked .tmp-/.old- folders)."""
+    import os
+
+    import numpy as np
+
+    import lgur.search.index as index_mod
+
+    old, new = fake_index(20, seed=1), fake_index(23, seed=2)
+    # count the steps of one save
+    steps = []
+    real = {"replace": os.replace, "fsync": os.fsync, "save": np.save, "rmtree": index_mod.shutil.rmtree}
+
+    def hook(name, kill_at):
+        def f(*a, **k):
+            steps.append(name)
+            if len(steps) == kill_at:
+                raise Killed(name)
+            return real[name](*a, **k)
+        return f
+
+    def patch(kill_at):
+        steps.clear()
+        monkeypatch.setattr(os, "replace", hook("replace", kill_at))
+        monkeypatch.setattr(os, "fsync", hook("fsync", kill_at))
+        monkeypatch.setattr(np, "save", hook("save", kill_at))
+        monkeypatch.setattr(index_mod.shutil, "rmtree", hook("rmtree", kill_at))
+
+    def unpatch():
+        monkeypatch.setattr(os, "replace", real["replace"])
+        monkeypatch.setattr(os, "fsync", real["fsync"])
+        monkeypatch.setattr(np, "save", real["save"])
+        monkeypatch.setattr(index_mod.shutil, "rmtree", real["rmtree"])
+
+    base = tmp_path / "base.lgidx"
+    old.save(base)
+    probe = tmp_path / "probe.lgidx"
+    shutil.copytree(base, probe)
+    patch(kill_at=10 ** 9)
+    new.save(probe)
+    unpatch()
+    total = len(steps)
+    assert total >= 8 and "replace" in steps
+    # a kill skips every cleanup: no finally/__exit__ runs (the OS releases the lock)
+    monkeypatch.setattr(index_mod.IndexWriter, "__exit__", lambda self, *exc: self._lock.close())
+    outcomes = set()
+    for kill_at in range(1, total + 1):
+        path = tmp_path / f"k{kill_at}.lgidx"
+        shutil.copytree(base, path)
+        patch(kill_at)
+        with pytest.raises(Killed):
+            new.save(path)
+        unpatch()
+        loaded = GalleryIndex.load(path)
+        which = {20: "old", 23: "new"}[len(loaded)]
+        outcomes.add(which)
+        ref = old if which == "old" else new
+        assert torch.equal(loaded.embeddings, ref.embeddings) and loaded.files.paths() == ref.files.paths()
+        # the next writer removes what the killed one left
+        new.save(path)
+        names = sorted(p.name for p in path.iterdir())
+        assert names == [".lock", json.loads((path / "manifest.json").read_text())["data"], "manifest.json"], names
+        assert not list(tmp_path.glob(f".{path.name}*"))
+    assert outcomes == {"old", "new"}
+
+
+def test_failed_save_removes_its_data_and_keeps_the_old(tmp_path, monkeypatch):
+    import lgur.search.index as index_mod
+
+    path = tmp_path / "g.lgidx"
+    fake_index(10, seed=1).save(path)
+    monkeypatch.setattr(index_mod.IndexWriter, "write_rows", lambda self, rows: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        fake_index(12, seed=2).save(path)
+    assert len(GalleryIndex.load(path)) == 10 and len(list(path.glob("data-*"))) == 1
+    # a folder that is not an index is never replaced
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(SearchError, match="not an lgur index"):
+        fake_index(3).save(tmp_path / "photos")
+    assert (tmp_path / "photos" / "a.jpg").read_bytes() == b"x"
+
+
+def test_killed_update_is_reused_by_the_rerun(tmp_path, tiny_checkpoint, synth_root, monkeypatch):
+    """A kill while committing an update leaves the old index; the re-run encodes only the new files."""
+    import lgur.search.index as index_mod
+
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    images = synth_images(synth_root)
+    for src in images[:6]:
+        shutil.copy(src, gallery / src.name)
+    out = tmp_path / "g.lgidx"
+    build_index(tiny_checkpoint, gallery, out, num_workers=0, progress=False)
+    for src in images[6:8]:
+        shutil.copy(src, gallery / src.name)
+    with monkeypatch.context() as m:
+        def killed(*a, **k):
+            raise Killed()
+        m.setattr(index_mod.os, "replace", killed)
+        m.setattr(index_mod.IndexWriter, "__exit__", lambda self, *exc: self._lock.close())
+        with pytest.raises(Killed):
+            build_index(tiny_checkpoint, gallery, out, num_workers=0, progress=False)
+    assert len(GalleryIndex.load(out)) == 6 and len(list(out.glob("data-*"))) == 2  # old + the killed one
+    encoded = []
+    real = index_mod.encode_files
+    monkeypatch.setattr(index_mod, "encode_files", lambda model, ds, pos, *a, **k: encoded.extend(pos) or real(model, ds, pos, *a, **k))
+    _, report = build_index(tiny_checkpoint, gallery, out, num_workers=0, progress=False)
+    assert report.kept == 6 and report.added == 2 and len(encoded) == 2
+    assert len(GalleryIndex.load(out)) == 8 and len(list(out.glob("data-*"))) == 1
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: "\x00garbage{{", "unreadable manifest"),
+    (lambda m: [1, 2], "not a JSON object"),
+    (lambda m: {k: v for k, v in m.items() if k != "dim"}, "'dim' must be a count"),
+    (lambda m: {**m, "dim": "8"}, "'dim' must be a count"),
+    (lambda m: {**m, "count": -1}, "'count' must be a count"),
+    (lambda m: {**m, "fingerprint": 7}, "'fingerprint' must be a string"),
+    (lambda m: {**m, "data": "../../etc"}, "'data' must name"),
+    (lambda m: {**m, "shards": [{"file": "../x.npy", "rows": 10}]}, "'shards' must be a list"),
+    (lambda m: {**m, "shards": "all"}, "'shards' must be a list"),
+    (lambda m: {**m, "columns": {"path": "str"}}, "lacks path/size/mtime_ns"),
+    (lambda m: {**m, "columns": {**m["columns"], "x;rm": "int"}}, "'columns' must map"),
+    (lambda m: {**m, "ann": {"kind": "evil"}}, "'ann' must be null"),
+    (lambda m: {**m, "pca": {"dim": 99, "rerank": 1}}, "'pca' must be null"),
+    (lambda m: {**m, "format": "lgur-index-1"}, "older lgur; rebuild it"),
+    (lambda m: {**m, "dim": 16}, "embedding width 8, the manifest says 16"),
+    (lambda m: {**m, "count": 11, "shards": [{"file": "emb-00000.npy", "rows": 11}]}, "shape"),
+])
+def test_malformed_manifest_is_a_readable_error(tmp_path, capsys, edit, message):
+    path = tmp_path / "g.lgidx"
+    fake_index(10).save(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    edited = edit(manifest)
+    (path / "manifest.json").write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    with pytest.raises(SearchError, match=re.escape(message)):
+        GalleryIndex.load(path)
+    code, _, err = run_cli(capsys, "search", "--index", path, "a man")
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_wrong_embedding_width_is_refused_before_serving(tmp_path, built_index, capsys):
+    """Shards and manifest consistently of another width than the model: refused at start-up (it used to
+    start the server, then every search was a 500)."""
+    import numpy as np
+
+    copy = tmp_path / "wide.lgidx"
+    shutil.copytree(built_index, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        np.save(copy / manifest["data"] / s["file"], np.zeros((s["rows"], 7), np.float16))
+    manifest["dim"] = 7
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SearchError, match="embeddings of width 7, but .* encodes 192-d"):
+        Searcher(copy)
+    code, _, err = run_cli(capsys, "serve", "--index", copy, "--port", "1")
+    assert code == 2 and "width 7" in err
+
+
+def test_metadata_from_pattern_sidecar_and_producer(tmp_path, tiny_checkpoint, synth_root, capsys):
+    from lgur.search.index import PathPattern, parse_time, read_sidecar
+
+    images = synth_images(synth_root)
+    gallery = tmp_path / "gallery"
+    names = []
+    for i, src in enumerate(images[:6]):
+        rel = f"cam{i % 2 + 1}/20261128T14{i:02d}00_{i}.jpg"
+        (gallery / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, gallery / rel)
+        names.append(rel)
+    sidecar = tmp_path / "meta.csv"
+    sidecar.write_text("path,video,score\n" + f"{names[0]},v0.mp4,0.5\n" + f"{names[3]},v3.mp4,2\n")
+    out = tmp_path / "m.lgidx"
+    code, stdout, _ = run_cli(capsys, "index", "--checkpoint", tiny_checkpoint, "--images", gallery, "--out", out,
+                              "--meta-pattern", r"cam(?P<camera>\d+)/(?P<time>\d{8}T\d{6})", "--meta", sidecar,
+                              "--workers", "0", "--quiet")
+    assert code == 0 and "metadata columns: camera (int), score (float), time (float), video (str)" in stdout
+    index = GalleryIndex.load(out)
+    by_path = {index.files[i]["path"]: index.files[i] for i in range(len(index))}
+    row = by_path[names[3]]
+    assert row["camera"] == 2 and row["video"] == "v3.mp4" and row["score"] == 2.0
+    assert row["time"] == parse_time("2026-11-28T14:03:00Z") == parse_time("20261128T140300")
+    assert by_path[names[1]]["video"] == "" and by_path[names[1]]["score"] is None  # not in the sidecar
+    # a producer's dict (e.g. video crops); an update keeps the stored values of rows it does not mention
+    shutil.copy(images[7], gallery / "cam1" / "extra.jpg")
+    producer = {"cam1/extra.jpg": {"video": "cam1.mp4", "frame": 120, "t": 4.0, "x1": 1, "y1": 2, "x2": 30, "y2": 80,
+                                   "track": 7}}
+    index, report = build_index(tiny_checkpoint, gallery, out, num_workers=0, progress=False, metadata=producer)
+    assert report.added == 1 and report.kept == 6
+    rows = {index.files[i]["path"]: index.files[i] for i in range(len(index))}
+    assert rows["cam1/extra.jpg"]["frame"] == 120 and rows["cam1/extra.jpg"]["track"] == 7
+    assert rows["cam1/extra.jpg"]["camera"] is None
+    assert rows[names[3]]["video"] == "v3.mp4" and rows[names[3]]["camera"] == 2  # kept from the first run
+    assert index.files.columns["frame"].dtype.kind == "i"
+    # readable errors
+    with pytest.raises(SearchError, match="no named group"):
+        PathPattern(r"cam\d+")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a.jpg": {"x": {"nested": 1}}}')
+    with pytest.raises(SearchError, match="must be a number or a string"):
+        read_sidecar(bad)
+    with pytest.raises(SearchError, match="not a time"):
+        parse_time("yesterday")

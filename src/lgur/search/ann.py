@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lgur.search.topk import ExactSearch, rescore
+from lgur.search.topk import ExactSearch, Shards, rescore
 
 ANN_KINDS = ("ivfpq", "hnsw")
 _FAISS_THREADS_SET = False
@@ -67,18 +67,31 @@ def fit_pca(embeddings: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
     n, d = embeddings.shape
     if not 0 < dim < d:
         raise ValueError(f"PCA dim must be in 1..{d - 1}, got {dim}")
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(n, generator=g)[:PCA_SAMPLE] if n > PCA_SAMPLE else torch.arange(n)
-    x = embeddings[rows].float()
+    rows = sample_rows(n, PCA_SAMPLE, seed)
+    x = Shards.of(embeddings).take(rows).float()
     with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global generator: seed it locally
         torch.manual_seed(seed)
         _, _, v = torch.svd_lowrank(x, q=min(dim + 16, min(x.shape)), niter=4)
     return v[:, :dim].contiguous()
 
 
-def project(vectors: torch.Tensor, components: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """(N, D) -> (N, r) fp32, chunked so an fp16 store is never fully converted to fp32 at once."""
-    return torch.cat([vectors[i:i + chunk].float() @ components for i in range(0, vectors.shape[0], chunk)])
+def sample_rows(n: int, count: int, seed: int = 0) -> torch.Tensor:
+    """`count` distinct row ids of n (all of them when n <= count), sorted (sequential reads on a memmap)."""
+    if n <= count:
+        return torch.arange(n)
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(np.sort(rng.choice(n, size=count, replace=False)))
+
+
+def project(vectors, components: torch.Tensor, chunk: int = 65536, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, D) -> (N, r), chunked so an fp16 store is never fully converted to fp32 at once; written into
+    `out` (e.g. a memory-mapped fp16 array) when given, else returned in fp32."""
+    blocks = Shards.of(vectors).enumerate_blocks(chunk)
+    if out is None:
+        return torch.cat([b.float() @ components for _, b in blocks])
+    for r0, b in blocks:
+        out[r0:r0 + b.shape[0]] = (b.float() @ components).to(out.dtype)
+    return out
 
 
 def synthetic_embeddings(n: int, d: int, rank: int = 128, per_cluster: int = 8, spread: float = 0.5,
@@ -105,8 +118,8 @@ def recall_queries(embeddings: torch.Tensor, count: int, seed: int = 0) -> torch
     """Held-out perturbations of `count` random gallery rows (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
     n, d = embeddings.shape
-    rows = torch.randperm(n, generator=g)[:count]
-    base = torch.nn.functional.normalize(embeddings[rows].float(), dim=1)
+    rows = torch.randperm(n, generator=g)[:count] if n <= (1 << 24) else sample_rows(n, count, seed)
+    base = torch.nn.functional.normalize(Shards.of(embeddings).take(rows).float(), dim=1)
     noise = torch.nn.functional.normalize(torch.randn(len(rows), d, generator=g), dim=1)
     return torch.nn.functional.normalize(base + noise, dim=1)
 
@@ -157,7 +170,7 @@ class TwoStageSearch:
         return rescore(queries, self.store, cand, k)
 
 
-def build_faiss(vectors: torch.Tensor, kind: str, seed: int = 0, hnsw_m: int = 32, pq_dims: int = 2):
+def build_faiss(vectors, kind: str, seed: int = 0, hnsw_m: int = 32, pq_dims: int = 2, add_rows: int = 262144):
     """Build (train + add) a faiss inner-product index over (N, d) vectors.
 
     ivfpq: `IVF{nlist},PQ{d/pq_dims}x4fs` (4-bit fast-scan PQ, the fastest IVF-PQ on CPU), nlist ~ sqrt(N)
@@ -165,11 +178,18 @@ def build_faiss(vectors: torch.Tensor, kind: str, seed: int = 0, hnsw_m: int = 3
            PQ128x4fs reaches recall 0.97 where PQ64x4fs stalls at 0.93, and 8-bit PQ64 builds 40x slower;
            4 sqrt(N) lists needed more probes for the same recall (re-id neighbours spread over lists).
     hnsw:  `HNSW{hnsw_m}` over the (reduced) float vectors; searched with efSearch.
+    Trained on a sample, then filled block by block (`add_rows` at a time) from `vectors` (a tensor or
+    Shards, e.g. memory-mapped reduced rows): the full matrix is never converted to fp32 at once.
     Returns (index, search parameter name).
     """
     faiss = require_faiss()
+    vectors = Shards.of(vectors)
     n, d = vectors.shape
-    x = np.ascontiguousarray(vectors.float().cpu().numpy())
+
+    def fill(index):
+        for b in vectors.blocks(add_rows):
+            index.add(np.ascontiguousarray(b.float().cpu().numpy()))
+
     if kind == "ivfpq":
         nlist = int(max(1, min(round(n ** 0.5), n // 39)))
         m = max(1, d // pq_dims)
@@ -177,14 +197,13 @@ def build_faiss(vectors: torch.Tensor, kind: str, seed: int = 0, hnsw_m: int = 3
             m -= 1
         index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x4fs", faiss.METRIC_INNER_PRODUCT)
         faiss.extract_index_ivf(index).cp.seed = seed
-        rng = np.random.default_rng(seed)
-        train = x[rng.choice(n, size=min(n, 64 * nlist + 4096), replace=False)] if n > 64 * nlist + 4096 else x
-        index.train(train)
-        index.add(x)
+        train = vectors.take(sample_rows(n, 64 * nlist + 4096, seed)).float().cpu().numpy()
+        index.train(np.ascontiguousarray(train))
+        fill(index)
         return index, "nprobe"
     if kind == "hnsw":
         index = faiss.index_factory(d, f"HNSW{hnsw_m}", faiss.METRIC_INNER_PRODUCT)
-        index.add(x)
+        fill(index)
         return index, "efSearch"
     raise ValueError(f"ANN kind must be one of {', '.join(ANN_KINDS)}, got {kind!r}")
 
@@ -236,43 +255,46 @@ def faiss_nlist(index) -> int:
     return int(require_faiss().extract_index_ivf(index).nlist)
 
 
-def attach_reduction(index, pca_dim: int | None, ann_kind: str | None, scfg) -> list[str]:
-    """Fit the PCA and/or build the ANN index of `index` (a GalleryIndex) in place, measuring recall@10
-    against exact full-dim search; returns the lines `lgur index` prints. Settings go to the manifest."""
-    store = index.embeddings
+def attach_reduction(store, manifest: dict, writer, pca_dim: int | None, ann_kind: str | None, scfg) -> list[str]:
+    """Fit the PCA and/or build the ANN index over `store` (the new index's embeddings, Shards), writing
+    `pca.npy`, `reduced.npy` and `ann.faiss` through `writer` (an IndexWriter) and their settings with the
+    recall@10 measured against exact full-dim search into `manifest`; returns the lines `lgur index` prints."""
+    store = Shards.of(store)
     n, d = store.shape
     if not pca_dim and not ann_kind:
         return []
     queries = recall_queries(store, min(int(scfg.recall_queries), n))
     truth = exact_truth(store, queries)
     notes = []
-    components = None
+    components = reduced = None
     if pca_dim:
         if not 0 < int(pca_dim) < d:
             from lgur.search.index import SearchError
 
             raise SearchError(f"--pca must be between 1 and {d - 1} (the embedding has {d} dims), got {pca_dim}")
         components = fit_pca(store, int(pca_dim))
-        index.components, index.reduced = components, project(store, components).half()
-        first = ExactSearch(index.reduced)
+        writer.write_array("pca.npy", components.numpy())
+        reduced = torch.from_numpy(writer.open_array("reduced.npy", (n, int(pca_dim)), np.float16))
+        project(store, components, out=reduced)
+        first = ExactSearch(Shards([reduced], mapped=True))
         recall, ms = measure(TwoStageSearch(first, store, components, scfg.rerank), queries, truth)
         bare = measure(TwoStageSearch(first, store, components, 0), queries, truth)[0]
-        index.manifest["pca"] = {"dim": int(pca_dim), "fit_rows": min(n, PCA_SAMPLE), "recall@10": recall,
-                                 "recall@10_no_rerank": bare, "rerank": int(scfg.rerank), "queries": len(queries)}
+        manifest["pca"] = {"dim": int(pca_dim), "fit_rows": min(n, PCA_SAMPLE), "recall@10": recall,
+                           "recall@10_no_rerank": bare, "rerank": int(scfg.rerank), "queries": len(queries)}
         notes.append(f"PCA {d} -> {pca_dim}: recall@10 {recall:.3f} with re-ranking x{scfg.rerank}, {bare:.3f} "
                      f"without (vs exact full-dim, {len(queries)} perturbed gallery vectors as queries)")
     if ann_kind:
-        vectors = index.reduced if components is not None else store
+        vectors = reduced if components is not None else store
         t = time.perf_counter()
         faiss_index, param = build_faiss(vectors, ann_kind, hnsw_m=int(scfg.hnsw_m), pq_dims=int(scfg.pq_dims))
         built = time.perf_counter() - t
         tuning = tune(FaissSearch(faiss_index, param, 1), store, components, int(scfg.rerank), queries, truth,
                       float(scfg.ann_recall_target))
-        index.ann = faiss_index
-        index.manifest["ann"] = {"kind": ann_kind, "dim": int(vectors.shape[1]), "param": tuning.param,
-                                 "value": tuning.value, "recall@10": tuning.recall,
-                                 "recall@10_no_rerank": tuning.recall_no_rerank, "rerank": int(scfg.rerank),
-                                 "queries": tuning.queries, "build_seconds": round(built, 2)}
+        writer.write_faiss(faiss_index)
+        manifest["ann"] = {"kind": ann_kind, "dim": int(vectors.shape[1]), "param": tuning.param,
+                           "value": tuning.value, "recall@10": tuning.recall,
+                           "recall@10_no_rerank": tuning.recall_no_rerank, "rerank": int(scfg.rerank),
+                           "queries": tuning.queries, "build_seconds": round(built, 2)}
         notes.append(f"ANN {ann_kind} over {vectors.shape[1]}-d vectors, built in {built:.1f} s; {tuning.describe()}")
         if n < int(scfg.ann_threshold):
             notes.append(f"note: {n} images < search.ann_threshold={scfg.ann_threshold}: `lgur search` scans "

@@ -21,7 +21,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "default: keep what the index had")
     p.add_argument("--pca", type=int, help="reduce embeddings to this many dims for stage-1 search (e.g. 512, 256; "
                                            "0 removes it); default: keep what the index had")
-    p.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--device", help="cpu | cuda (default: cuda if available; under torchrun: this rank's GPU)")
+    p.add_argument("--meta-pattern", help="per-row metadata from each relative path by a regex with named groups, "
+                                          "e.g. 'cam(?P<camera>\\d+)/' or '(?P<time>\\d{8}T\\d{6})' (time: a timestamp)")
+    p.add_argument("--meta", help="per-row metadata from a sidecar CSV (a 'path' column + fields) or JSON "
+                                  "({path: {field: value}}); overrides --meta-pattern; 'time' is a timestamp")
+    p.add_argument("--nproc", type=int, help="encode with N processes on this machine (torchrun, gloo/nccl); for "
+                                             "many machines run `torchrun --nnodes ... -m lgur index ...`")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=index_cmd)
 
@@ -62,16 +68,35 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def index_cmd(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    if args.nproc is not None and args.nproc > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from lgur.errors import LgurError
+
+            raise LgurError("--nproc is for a plain `lgur index`; under torchrun leave it out")
+        from lgur.engine.distributed import relaunch, strip_nproc
+
+        return relaunch(args.nproc, strip_nproc(sys.argv[1:]))
     from lgur.config import defaults
-    from lgur.search.index import build_index
+    from lgur.search.index import PathPattern, build_index, read_sidecar
 
     scfg = defaults().search
-    _, report = build_index(args.checkpoint, args.images, args.out, dtype=args.dtype or scfg.dtype,
-                            batch_size=args.batch_size or scfg.batch_size,
-                            num_workers=scfg.num_workers if args.workers is None else args.workers,
-                            device=args.device, ann=args.ann, pca=args.pca, search_cfg=scfg, progress=not args.quiet)
-    print(report.summary())
-    print(f"index written to {args.out}")
+    metadata = [PathPattern(args.meta_pattern)] if args.meta_pattern else []
+    if args.meta:
+        metadata.append(read_sidecar(args.meta))
+    index, report = build_index(args.checkpoint, args.images, args.out, dtype=args.dtype or scfg.dtype,
+                                batch_size=args.batch_size or scfg.batch_size,
+                                num_workers=scfg.num_workers if args.workers is None else args.workers,
+                                device=args.device, ann=args.ann, pca=args.pca, search_cfg=scfg,
+                                progress=not args.quiet, metadata=metadata or None)
+    if index is not None:  # rank 0 (or the only process) reports
+        print(report.summary())
+        cols = index.files.metadata_columns
+        if cols:
+            print("metadata columns: " + ", ".join(f"{k} ({v})" for k, v in cols.items()))
+        print(f"index written to {args.out}")
     return 0
 
 

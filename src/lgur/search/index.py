@@ -1,56 +1,343 @@
 """Gallery index: image embeddings of a folder, built and updated incrementally by `lgur index`.
 
-An index is a directory (conventionally `NAME.lgidx`), no pickle anywhere:
+An index is a directory (conventionally `NAME.lgidx`), no pickle anywhere (every array is a raw `.npy`,
+read with allow_pickle=False):
 
-    manifest.json           format, model fingerprint + checkpoint path, images root, dtype, dim, the
-                            files (relative path, size, mtime_ns; row i = embedding row i), the files
-                            skipped as unreadable, and the PCA / ANN settings with their measured recall
-    embeddings.safetensors  `embeddings` (N, D), fp16 (default) or fp32, L2-normalised
-    pca.safetensors         optional: `components` (D, r) fp32 and `reduced` (N, r) fp16
-    ann.faiss               optional: a faiss index (faiss's own binary format), over reduced or full vectors
+    manifest.json           the commit point: format, model fingerprint + checkpoint path, images root, dtype,
+                            dim, row count, the data folder and its shards, the row columns and their kinds,
+                            the files skipped as unreadable, and the PCA / ANN settings with their recall
+    data-<token>/           one version of the data, named by the manifest:
+        emb-00000.npy ...   embedding shards (rows, D), fp16 (default) or fp32, L2-normalised; row order =
+                            shard order; each shard is memory-mapped at load, never read whole
+        col-<name>.npy      one array per row column (N,): `path` (UTF-8 bytes, relative to the images
+                            root), `size`, `mtime_ns`, and any metadata columns (see Rows)
+        pca.npy, reduced.npy   optional: PCA projection (D, r) fp32 and the reduced rows (N, r) fp16
+        ann.faiss           optional: a faiss index (faiss's own binary format), over reduced or full vectors
 
-It is written to a temporary sibling directory and swapped in, so an interrupted run leaves the old index.
+Saving is atomic as a whole: a new version is written into a fresh `data-<token>/` beside the current one
+and becomes current with one `os.replace` of manifest.json; a kill at any instant leaves the old or the new
+manifest, each naming complete data. Folders and temp files no manifest names (a killed run's leftovers,
+superseded versions) are removed by the next writer, which holds `.lock` (flock) while it writes.
+
 Re-running on the same folder reuses every row whose file has the same relative path, size and mtime
-(and the same model), encodes new or changed files and drops deleted ones.
+(and the same model), encodes new or changed files and drops deleted ones. Rows are in path order.
+
+Bytes per crop: D x 2 (fp16 embedding; 3072 -> 6 KiB, lgur-small 1536 -> 3 KiB) + the path + 16 (size,
+mtime) + 8 per numeric metadata column, on disk; add r x 2 with a PCA-r reduction and the ANN's codes
+(IVF-PQ 4-bit, r/2 dims per code: r/4 bytes + 8 for the id). In RAM while searching only the ANN index
+is resident; embeddings and columns are memory-mapped (the page cache holds what queries touch).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from lgur.errors import LgurError
+from lgur.search.topk import Shards
 
 log = logging.getLogger(__name__)
 
-FORMAT = "lgur-index-1"
+FORMAT = "lgur-index-2"
+OLD_FORMATS = ("lgur-index-1",)
 STORE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+NP_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+SHARD_ROWS = 1 << 20  # rows per embedding shard file (3 GiB at 1536-d fp16)
+BASE_COLUMNS = {"path": "str", "size": "int", "mtime_ns": "int"}
+COLUMN_KINDS = ("int", "float", "str")
+MISSING_INT = int(np.iinfo(np.int64).min)  # an int column's "no value"; float columns use NaN, str ""
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+_DATA = re.compile(r"data-[0-9a-f]{1,40}\Z")
+_SHARD = re.compile(r"emb-\d{5}\.npy\Z")
+_OLD_FILES = ("embeddings.safetensors", "pca.safetensors", "ann.faiss")  # lgur-index-1's data files
 
 
 class SearchError(LgurError):
     """A missing/corrupt index, an index built by another model, or a search request that cannot run."""
 
 
+# ---------------------------------------------------------------------------------------------------
+# rows: path, size, mtime and metadata columns
+
+
+def _kind_of(values: Iterable) -> str:
+    kind = "int"
+    for v in values:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        if isinstance(v, (bool, np.bool_, int, np.integer)):
+            continue
+        if isinstance(v, (float, np.floating)):
+            kind = "float"
+        else:
+            return "str"
+    return kind
+
+
+def column_array(values: Sequence, kind: str) -> np.ndarray:
+    """Python values -> the stored array of a column of `kind` (None -> the kind's missing value)."""
+    if kind == "int":
+        return np.array([MISSING_INT if v is None else int(v) for v in values], dtype=np.int64)
+    if kind == "float":
+        return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    if kind == "str":
+        enc = [b"" if v is None else str(v).encode("utf-8") for v in values]
+        return np.array(enc, dtype=f"S{max([1, *map(len, enc)])}")
+    raise SearchError(f"column kind must be one of {', '.join(COLUMN_KINDS)}, got {kind!r}")
+
+
+def _value(kind: str, v):
+    if kind == "str":
+        return bytes(v).decode("utf-8", "replace")
+    if kind == "int":
+        return None if int(v) == MISSING_INT else int(v)
+    return None if math.isnan(float(v)) else float(v)
+
+
+class Rows(Sequence):
+    """The index's rows as named columns (numpy arrays; memory-mapped when loaded). Row i describes
+    embedding row i; `rows[i]` is a dict {column: value} ("path" relative to the images root, "size",
+    "mtime_ns", then the metadata columns; a missing value is None).
+
+    Column kinds: "int" (int64), "float" (float64, e.g. `time` as Unix seconds), "str" (UTF-8). Column
+    names are identifiers (letters, digits, _; at most 64)."""
+
+    def __init__(self, columns: Mapping[str, np.ndarray], kinds: Mapping[str, str]):
+        self.columns, self.kinds = dict(columns), dict(kinds)
+        lengths = {len(a) for a in self.columns.values()}
+        if len(lengths) > 1:
+            raise SearchError(f"index columns have different lengths {sorted(lengths)} (corrupt index)")
+        self._n = lengths.pop() if lengths else 0
+
+    @classmethod
+    def from_dicts(cls, rows: Sequence[Mapping], kinds: Mapping[str, str] | None = None) -> "Rows":
+        """Rows from dicts (every dict needs path, size, mtime_ns; other keys become metadata columns)."""
+        names = list(BASE_COLUMNS) + sorted({k for r in rows for k in r} - set(BASE_COLUMNS))
+        kinds = {**BASE_COLUMNS, **(kinds or {})}
+        out_kinds, cols = {}, {}
+        for name in names:
+            check_column_name(name)
+            values = [r.get(name) for r in rows]
+            out_kinds[name] = kinds.get(name) or _kind_of(values)
+            cols[name] = column_array(values, out_kinds[name])
+        return cls(cols, out_kinds)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return {name: _value(self.kinds[name], a[i]) for name, a in self.columns.items()}
+
+    def path(self, i: int) -> str:
+        return bytes(self.columns["path"][i]).decode("utf-8", "replace")
+
+    def paths(self) -> list[str]:
+        return [bytes(p).decode("utf-8", "replace") for p in self.columns["path"]]
+
+    @property
+    def metadata_columns(self) -> dict[str, str]:
+        return {k: v for k, v in self.kinds.items() if k not in BASE_COLUMNS}
+
+
+def check_column_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise SearchError(f"metadata column name {name!r}: use letters, digits and _ (at most 64, not starting "
+                          f"with a digit)")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------
+# metadata producers
+
+
+class PathPattern:
+    """Metadata from each file's relative path by a regular expression with named groups, e.g.
+    `cam(?P<camera>\\d+)/(?P<video>[^/]+)/` or `(?P<time>\\d{8}T\\d{6})`. A group named `time` is parsed as a
+    timestamp (Unix seconds, ISO 8601, or YYYYmmddTHHMMSS; UTC unless it names a zone) into a float column;
+    digit-only groups become int columns. Paths that do not match get no values (and are counted)."""
+
+    def __init__(self, pattern: str):
+        try:
+            self.regex = re.compile(pattern)
+        except re.error as e:
+            raise SearchError(f"--meta-pattern {pattern!r}: {e}") from None
+        if not self.regex.groupindex:
+            raise SearchError(f"--meta-pattern {pattern!r} has no named group such as (?P<camera>\\d+)")
+        for name in self.regex.groupindex:
+            check_column_name(name)
+        self.unmatched = 0
+
+    def __call__(self, rel_path: str) -> dict:
+        m = self.regex.search(rel_path)
+        if m is None:
+            self.unmatched += 1
+            return {}
+        out = {}
+        for k, v in m.groupdict().items():
+            if v is None:
+                continue
+            out[k] = parse_time(v) if k == "time" else (int(v) if v.isdigit() and len(v) < 19 else v)
+        return out
+
+
+def parse_time(value) -> float:
+    """A timestamp -> Unix seconds (float): a number, ISO 8601 ('2026-11-28T14:00', '2026-11-28 14:00:05+01:00'),
+    or compact 'YYYYmmddTHHMMSS' / 'YYYYmmddHHMMSS'. Naive times are UTC."""
+    from datetime import datetime, timezone
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    s = str(value).strip()
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    for fmt in ("%Y%m%dT%H%M%S", "%Y%m%d%H%M%S"):
+        try:
+            return datetime.strptime(s, fmt).replace(tzinfo=timezone.utc).timestamp()
+        except ValueError:
+            pass
+    try:
+        t = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        raise SearchError(f"not a time: {s[:60]!r} (use Unix seconds or ISO 8601 such as 2026-11-28T14:00:00)") from None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+
+
+MAX_SIDECAR_BYTES = 1 << 30
+
+
+def read_sidecar(path: str | Path) -> dict[str, dict]:
+    """Metadata per relative path from a CSV (header row; a `path` column, any others) or a JSON file
+    ({"rel/path.jpg": {"camera": 3, ...}, ...} or [{"path": ..., ...}, ...]). A `time` field is parsed as a
+    timestamp (see parse_time); numeric CSV cells become numbers."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise SearchError(f"--meta: file not found: {path}")
+    if path.stat().st_size > MAX_SIDECAR_BYTES:
+        raise SearchError(f"--meta: {path} is larger than {MAX_SIDECAR_BYTES >> 20} MiB")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            items = list(data.items()) if isinstance(data, dict) else [(r.get("path"), r) for r in data]
+        else:
+            with path.open(newline="", encoding="utf-8") as f:
+                items = [(r.get("path"), r) for r in csv.DictReader(f)]
+    except (ValueError, UnicodeDecodeError, csv.Error, AttributeError) as e:
+        raise SearchError(f"--meta: {path} is not a readable CSV/JSON metadata file ({e})") from None
+    out = {}
+    for where, (rel, rec) in enumerate(items):
+        if not isinstance(rel, str) or not isinstance(rec, dict):
+            raise SearchError(f"--meta: {path}, record {where}: needs a 'path' and fields")
+        fields = {}
+        for k, v in rec.items():
+            if k == "path":
+                continue
+            check_column_name(k)
+            if isinstance(v, str) and k != "time":
+                with contextlib.suppress(ValueError):
+                    v = int(v) if re.fullmatch(r"-?\d{1,18}", v) else float(v) if re.fullmatch(r"-?[\d.]+(e-?\d+)?", v) else v
+            if isinstance(v, (dict, list)):
+                raise SearchError(f"--meta: {path}, {rel}: field {k!r} must be a number or a string")
+            fields[k] = parse_time(v) if k == "time" and v not in (None, "") else (None if v == "" else v)
+        out[rel] = fields
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the index on disk
+
+
+def _checked_manifest(manifest, where: Path) -> dict:
+    """Refuse a manifest with missing fields or wrong types, with a message naming the field."""
+    def need(cond: bool, what: str):
+        if not cond:
+            raise SearchError(f"{where}: malformed manifest: {what}; rebuild the index with `lgur index`")
+
+    need(isinstance(manifest, dict), "not a JSON object")
+    fmt = manifest.get("format")
+    if fmt in OLD_FORMATS:
+        raise SearchError(f"{where.parent}: index format {fmt!r} is from an older lgur; rebuild it with `lgur index` "
+                          f"(the same --out re-encodes everything and replaces it)")
+    need(fmt == FORMAT, f"format {str(fmt)[:40]!r} is not {FORMAT!r}")
+    for key in ("fingerprint", "checkpoint", "images_root", "data"):
+        need(isinstance(manifest.get(key), str), f"'{key}' must be a string")
+    need(manifest.get("dtype") in STORE_DTYPES, f"'dtype' must be one of {', '.join(STORE_DTYPES)}")
+    for key in ("dim", "count"):
+        need(type(manifest.get(key)) is int and 0 <= manifest[key] < 1 << 40, f"'{key}' must be a count")
+    need(manifest["dim"] > 0, "'dim' must be positive")
+    need(bool(_DATA.match(manifest["data"])), "'data' must name a data-<hex> folder")
+    shards = manifest.get("shards")
+    need(isinstance(shards, list) and all(isinstance(s, dict) and isinstance(s.get("file"), str)
+                                          and _SHARD.match(s["file"]) and type(s.get("rows")) is int
+                                          and s["rows"] >= 0 for s in shards),
+         "'shards' must be a list of {file: emb-NNNNN.npy, rows: int}")
+    need(sum(s["rows"] for s in shards) == manifest["count"], "the shards' rows do not add up to 'count'")
+    cols = manifest.get("columns")
+    need(isinstance(cols, dict) and all(isinstance(k, str) and _NAME.match(k) and v in COLUMN_KINDS
+                                        for k, v in cols.items()), "'columns' must map names to int|float|str")
+    need(all(cols.get(k) == v for k, v in BASE_COLUMNS.items()), "'columns' lacks path/size/mtime_ns")
+    need(isinstance(manifest.get("skipped", []), list), "'skipped' must be a list")
+    pca, ann = manifest.get("pca"), manifest.get("ann")
+    need(pca is None or (isinstance(pca, dict) and type(pca.get("dim")) is int and 0 < pca["dim"] < manifest["dim"]
+                         and type(pca.get("rerank")) is int), "'pca' must be null or {dim, rerank, ...}")
+    need(ann is None or (isinstance(ann, dict) and ann.get("kind") in ("ivfpq", "hnsw")
+                         and ann.get("param") in ("nprobe", "efSearch") and type(ann.get("value")) is int
+                         and type(ann.get("rerank")) is int), "'ann' must be null or {kind, param, value, rerank}")
+    return manifest
+
+
+def _open_array(path: Path, shape: tuple, dtype, what: str) -> np.ndarray:
+    """A stored array, memory-mapped copy-on-write (writable view, file never modified), checked."""
+    try:
+        a = np.load(path, mmap_mode="c", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise SearchError(f"{path}: missing or corrupt {what} ({type(e).__name__}: {e})") from None
+    if a.dtype != np.dtype(dtype) if not isinstance(dtype, str) else a.dtype.kind != dtype:
+        raise SearchError(f"{path}: {what} stored as {a.dtype}, the manifest says {dtype} (corrupt index)")
+    if tuple(a.shape) != tuple(shape):
+        detail = (f"embedding width {a.shape[1]}, the manifest says {shape[1]}" if len(shape) == 2 and a.ndim == 2
+                  and a.shape[0] == shape[0] else f"shape {tuple(a.shape)}, expected {tuple(shape)}")
+        raise SearchError(f"{path}: {what}: {detail} (corrupt or edited index; rebuild it with `lgur index`)")
+    return a
+
+
 @dataclass
 class GalleryIndex:
-    """An index in memory. `files[i]` describes embedding row i."""
+    """An index: `files[i]` (a Rows) describes embedding row i of `store` (Shards over memory-mapped files).
+
+    `embeddings` is the whole (N, D) tensor (zero-copy for one shard, else concatenated: for small
+    galleries and tests; search code uses `store`)."""
 
     manifest: dict
-    files: list[dict]
-    embeddings: torch.Tensor
+    files: Rows
+    store: Shards
     components: torch.Tensor | None = None  # PCA projection (D, r)
-    reduced: torch.Tensor | None = None     # PCA-reduced rows (N, r)
+    reduced: torch.Tensor | None = None     # PCA-reduced rows (N, r), memory-mapped
     ann: object | None = None               # faiss index (loaded only when faiss is importable)
     path: Path | None = None
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        return self.store.contiguous()
 
     @property
     def fingerprint(self) -> str:
@@ -64,12 +351,16 @@ class GalleryIndex:
     def checkpoint(self) -> str:
         return self.manifest["checkpoint"]
 
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
     def __len__(self) -> int:
         return len(self.files)
 
     def file(self, i: int) -> Path:
         """Absolute path of gallery image i."""
-        return self.images_root / self.files[i]["path"]
+        return self.images_root / self.files.path(i)
 
     @classmethod
     def load(cls, path: str | Path, with_ann: bool = True) -> "GalleryIndex":
@@ -78,58 +369,225 @@ class GalleryIndex:
         if not mpath.is_file():
             raise SearchError(f"{path}: not an lgur index (no manifest.json); build one with `lgur index`")
         try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SearchError(f"{mpath}: unreadable manifest ({e})") from None
-        if manifest.get("format") != FORMAT:
-            raise SearchError(f"{path}: index format {manifest.get('format')!r}, this lgur reads {FORMAT!r}")
-        try:
-            emb = load_file(str(path / "embeddings.safetensors"))["embeddings"]
-            pca = load_file(str(path / "pca.safetensors")) if manifest.get("pca") else {}
-        except (OSError, KeyError, SafetensorError) as e:
-            raise SearchError(f"{path}: corrupt or missing embeddings ({type(e).__name__}: {e})") from None
-        files = manifest.pop("files")
-        if emb.shape[0] != len(files):
-            raise SearchError(f"{path}: {emb.shape[0]} embeddings for {len(files)} files (corrupt index)")
+            if mpath.stat().st_size > 64 << 20:
+                raise SearchError(f"{mpath}: manifest larger than 64 MiB (not an lgur manifest)")
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise SearchError(f"{mpath}: unreadable manifest ({type(e).__name__}: {e})") from None
+        manifest = _checked_manifest(manifest, mpath)
+        data = path / manifest["data"]
+        n, d = manifest["count"], manifest["dim"]
+        np_dtype = NP_DTYPES[manifest["dtype"]]
+        parts = [torch.from_numpy(_open_array(data / s["file"], (s["rows"], d), np_dtype, "embeddings"))
+                 for s in manifest["shards"]]
+        cols = {name: _open_array(data / f"col-{name}.npy", (n,), {"int": np.int64, "float": np.float64}.get(kind, "S"),
+                                  f"column {name!r}") for name, kind in manifest["columns"].items()}
+        components = reduced = None
+        if manifest.get("pca"):
+            r = manifest["pca"]["dim"]
+            components = torch.from_numpy(_open_array(data / "pca.npy", (d, r), np.float32, "PCA projection"))
+            reduced = torch.from_numpy(_open_array(data / "reduced.npy", (n, r), np.float16, "PCA-reduced rows"))
         ann = None
         if with_ann and manifest.get("ann"):
             from lgur.search.ann import faiss_or_none
 
             faiss = faiss_or_none()
             if faiss is not None:
-                ann = faiss.read_index(str(path / "ann.faiss"))
+                try:
+                    ann = faiss.read_index(str(data / "ann.faiss"))
+                except RuntimeError as e:
+                    raise SearchError(f"{data / 'ann.faiss'}: unreadable ANN index ({str(e).splitlines()[0]})") from None
+                want = manifest["ann"].get("dim", manifest["pca"]["dim"] if manifest.get("pca") else d)
+                if ann.ntotal != n or ann.d != want:
+                    raise SearchError(f"{data / 'ann.faiss'}: {ann.ntotal} vectors of {ann.d} dims, the manifest "
+                                      f"says {n} of {want} (corrupt index)")
             else:
                 log.warning("%s has an ANN index but faiss is not installed: exact search is used", path)
-        return cls(manifest, files, emb, pca.get("components"), pca.get("reduced"), ann, path)
+        return cls(manifest, Rows(cols, manifest["columns"]), Shards(parts, mapped=True), components, reduced, ann, path)
 
     def save(self, path: str | Path) -> Path:
-        """Write to a temporary sibling directory, then swap it in place of `path`."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            save_file({"embeddings": self.embeddings.contiguous()}, str(tmp / "embeddings.safetensors"))
+        """Write this (in-memory) index to `path` atomically (see the module docstring)."""
+        with IndexWriter(path) as w:
+            w.write_embeddings(self.store.blocks(SHARD_ROWS), self.manifest["dtype"])
+            w.write_rows(self.files)
             if self.components is not None:
-                save_file({"components": self.components.contiguous(), "reduced": self.reduced.contiguous()},
-                          str(tmp / "pca.safetensors"))
+                w.write_array("pca.npy", self.components.float().numpy())
+                w.write_array("reduced.npy", self.reduced.half().numpy())
             if self.ann is not None:
-                from lgur.search.ann import require_faiss
+                w.write_faiss(self.ann)
+            w.commit(self.manifest)
+        self.path = Path(path)
+        return self.path
 
-                require_faiss().write_index(self.ann, str(tmp / "ann.faiss"))
-            (tmp / "manifest.json").write_text(json.dumps({**self.manifest, "files": self.files}))
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            if path.exists():
-                if not (path / "manifest.json").is_file():
-                    raise SearchError(f"{path} exists and is not an lgur index; refusing to replace it")
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.path = path
-        return path
+            os.close(fd)
+
+
+def _current_data(path: Path) -> str | None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        data = json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("data")
+        return data if isinstance(data, str) else None
+    return None
+
+
+def clean_stale(path: Path) -> list[str]:
+    """Remove what the current manifest does not name: data folders of killed or superseded writes,
+    temp files, lgur-index-1 data files. Call with the index's lock held. Returns the removed names."""
+    keep = _current_data(path)
+    removed = []
+    for p in path.iterdir():
+        name = p.name
+        stale = ((name.startswith("data-") and name != keep) or name.startswith(".manifest.json.tmp")
+                 or (name in _OLD_FILES and keep is not None))
+        if stale:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(name)
+    # lgur-index-1 wrote whole temp/old sibling folders
+    for p in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    for p in path.parent.glob(f".{path.name}.old-*"):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
+
+
+class IndexWriter:
+    """Writes one new version of the index at `path` and makes it current with `commit(manifest)`.
+
+        with IndexWriter(out) as w:
+            w.write_embeddings(blocks, "fp16")      # (n, D) tensors/arrays in row order, any block sizes
+            w.write_rows(rows)                      # a Rows (path, size, mtime_ns, metadata columns)
+            w.commit(manifest)                      # fills format/data/shards/count/columns, swaps it in
+
+    Until commit the old index stays current; leaving the block without commit (an error, a kill) leaves
+    a data folder the next writer removes. Holds an exclusive lock on `path/.lock` meanwhile."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.data_name = f"data-{time.time_ns():x}{os.getpid():x}"
+        self.shards: list[dict] = []
+        self.columns: dict[str, str] | None = None
+        self.count = 0
+        self._lock = None
+        self.committed = False
+
+    def __enter__(self) -> "IndexWriter":
+        import fcntl
+
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise SearchError(f"{path} exists and is not an lgur index; refusing to replace it")
+        if path.is_dir() and not (path / "manifest.json").is_file():
+            foreign = [p.name for p in path.iterdir() if not (p.name == ".lock" or p.name.startswith(("data-", ".manifest.json.tmp")))]
+            if foreign:
+                raise SearchError(f"{path} exists and is not an lgur index (it holds {foreign[0]!r}, ...); "
+                                  f"refusing to replace it")
+        path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(path / ".lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise SearchError(f"{path} is being written by another `lgur index` (lock {path / '.lock'})") from None
+        clean_stale(path)
+        self.data = path / self.data_name
+        self.data.mkdir()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed:
+            shutil.rmtree(self.data, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()
+
+    def write_array(self, name: str, array: np.ndarray) -> Path:
+        out = self.data / name
+        with open(out, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        return out
+
+    def open_array(self, name: str, shape: tuple, dtype) -> np.ndarray:
+        """A new array file to fill in place (np.lib.format.open_memmap); flushed by commit."""
+        return np.lib.format.open_memmap(self.data / name, mode="w+", dtype=dtype, shape=tuple(shape))
+
+    def write_embeddings(self, blocks: Iterable, dtype: str, shard_rows: int = SHARD_ROWS) -> None:
+        """Embedding rows in order, from blocks of any size, into shards of `shard_rows` rows."""
+        self.dtype = dtype
+        pending, held = [], 0
+
+        def flush(final: bool):
+            nonlocal pending, held
+            while held >= shard_rows or (final and held):
+                take = min(held, shard_rows)
+                out, got = [], 0
+                while got < take:
+                    b = pending[0]
+                    need = take - got
+                    out.append(b[:need])
+                    got += min(need, len(b))
+                    pending[0] = b[need:]
+                    if not len(pending[0]):
+                        pending.pop(0)
+                held -= take
+                name = f"emb-{len(self.shards):05d}.npy"
+                self.write_array(name, np.concatenate(out) if len(out) > 1 else out[0])
+                self.shards.append({"file": name, "rows": int(take)})
+
+        for b in blocks:
+            b = b.detach().cpu().to(STORE_DTYPES[dtype]).numpy() if isinstance(b, torch.Tensor) else np.asarray(b, NP_DTYPES[dtype])
+            if len(b):
+                pending.append(b)
+                held += len(b)
+                flush(False)
+        flush(True)
+        self.count = sum(s["rows"] for s in self.shards)
+
+    def write_rows(self, rows: Rows) -> None:
+        for name, kind in rows.kinds.items():
+            check_column_name(name)
+            self.write_array(f"col-{name}.npy", np.asarray(rows.columns[name]))
+        self.columns = dict(rows.kinds)
+
+    def write_faiss(self, index) -> None:
+        from lgur.search.ann import require_faiss
+
+        require_faiss().write_index(index, str(self.data / "ann.faiss"))
+
+    def commit(self, manifest: dict) -> dict:
+        """Make this version current: one atomic replace of manifest.json. Returns the manifest written."""
+        if self.columns is None:
+            raise SearchError("IndexWriter.commit: write_rows was not called")
+        manifest = {**manifest, "format": FORMAT, "data": self.data_name, "count": self.count,
+                    "shards": self.shards, "columns": self.columns}
+        manifest.pop("files", None)
+        for p in self.data.iterdir():  # memmaps filled in place, faiss files: make them durable first
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(self.data)
+        tmp = self.path / f".manifest.json.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / "manifest.json")
+        self.committed = True
+        _fsync_dir(self.path)
+        with contextlib.suppress(OSError):
+            clean_stale(self.path)
+        return manifest
+
+
+# ---------------------------------------------------------------------------------------------------
+# building
 
 
 @dataclass
@@ -144,13 +602,15 @@ class BuildReport:
     reencode_reason: str = ""
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    processes: int = 1
 
     def summary(self, examples: int = 10) -> str:
         lines = []
         if self.reencode_reason:
             lines.append(f"re-encoding everything: {self.reencode_reason}")
         lines.append(f"kept {self.kept}, added {self.added} ({self.changed} changed), removed {self.removed}, "
-                     f"skipped {len(self.skipped)} unreadable ({self.seconds:.1f} s)")
+                     f"skipped {len(self.skipped)} unreadable ({self.seconds:.1f} s"
+                     + (f", {self.processes} processes" if self.processes > 1 else "") + ")")
         for s in self.skipped[:examples]:
             lines.append(f"  skipped {s['path']}: {s['reason']}")
         if len(self.skipped) > examples:
@@ -165,9 +625,12 @@ def _stat(path: Path) -> tuple[int, int]:
 
 def _previous(out: Path, fingerprint: str, root: Path, dtype: str) -> tuple[GalleryIndex | None, str]:
     """The index at `out` if its rows can be reused, else (None, why not)."""
-    if not out.exists():
+    if not (out / "manifest.json").is_file():
         return None, ""
-    old = GalleryIndex.load(out, with_ann=False)
+    try:
+        old = GalleryIndex.load(out, with_ann=False)
+    except SearchError as e:
+        return None, f"the existing index cannot be reused ({e})"
     if old.fingerprint != fingerprint:
         return None, f"the checkpoint differs from the index's ({old.fingerprint} -> {fingerprint})"
     if old.images_root != root:
@@ -201,80 +664,69 @@ def encode_files(model, dataset, positions: list[int], batch_size: int, num_work
     return (torch.cat(embs) if embs else torch.empty(0, dim)), done
 
 
+MetadataSource = Callable[[str], Mapping] | Mapping[str, Mapping] | None
+
+
+def _metadata_columns(rel: list[str], metadata: MetadataSource | list, old: GalleryIndex | None,
+                      old_rows: dict[str, int], report: BuildReport) -> dict[str, list]:
+    """Metadata values per row (aligned with `rel`), from one or more sources (callables rel -> dict, or
+    dicts rel -> dict), later sources overriding earlier ones; rows no source covers keep the old index's
+    values for their columns."""
+    sources = metadata if isinstance(metadata, list) else ([metadata] if metadata is not None else [])
+    per_row: list[dict] = [{} for _ in rel]
+    for src in sources:
+        get = src if callable(src) else (lambda r, s=src: s.get(r, {}))
+        for i, r in enumerate(rel):
+            values = get(r) or {}
+            if not isinstance(values, Mapping):
+                raise SearchError(f"metadata for {r}: expected a mapping of fields, got {type(values).__name__}")
+            per_row[i].update(values)
+    if isinstance(sources and sources[0], PathPattern) and sources[0].unmatched:
+        report.notes.append(f"metadata: {sources[0].unmatched} paths did not match --meta-pattern (no values)")
+    names = sorted({k for d in per_row for k in d} - set(BASE_COLUMNS))
+    old_meta = old.files.metadata_columns if old is not None else {}
+    for name in old_meta:
+        if name not in names:
+            names.append(name)
+    cols = {}
+    for name in names:
+        check_column_name(name)
+        values = [d.get(name) for d in per_row]
+        if name in old_meta:
+            for i, r in enumerate(rel):
+                if values[i] is None and name not in per_row[i] and r in old_rows:
+                    values[i] = old.files[old_rows[r]][name]
+        cols[name] = values
+    return cols
+
+
 def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, dtype: str = "fp16",
                 batch_size: int = 64, num_workers: int = 2, device: str | None = None, ann: str | None = None,
-                pca: int | None = None, search_cfg=None, progress: bool = True) -> tuple[GalleryIndex, BuildReport]:
+                pca: int | None = None, search_cfg=None, progress: bool = True,
+                metadata: MetadataSource | list = None) -> tuple[GalleryIndex, BuildReport]:
     """Create or update the index at `out` for every image under `images`, encoded by `checkpoint`.
 
     ann/pca: build an ANN index (ivfpq | hnsw) and/or a PCA reduction; None keeps what the previous index
     had (an update rebuilds them on the new rows), "none"/0 removes them.
+
+    metadata: per-row metadata columns (filterable by `lgur search --where/--after/--before`): a callable
+    `f(relative_path) -> {column: value}`, a dict {relative_path: {column: value}}, or a list of those
+    (later ones override). Values: int, float, str or None (missing). A column named `time` holds Unix
+    seconds (what --after/--before compare). `PathPattern` and `read_sidecar` make the usual sources.
+
+    How a producer of crops (e.g. video ingestion) attaches its columns: write each crop as a file under
+    the images folder and pass a dict keyed by the crop's relative path, e.g.
+        {"cam3/vid01/f000120_t2.jpg": {"video": "cam3/vid01.mp4", "frame": 120, "t": 4.0, "time": 1764338400.0,
+                                        "x1": 10, "y1": 20, "x2": 74, "y2": 212, "track": 2, "camera": "cam3"}}
+    Rows whose file is unchanged and that the producer does not mention keep their stored values, so an
+    incremental run only needs the new crops' metadata. Read them back with `index.files[i]` (a dict) or
+    `index.files.columns[name]` (an array).
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this with the same arguments: the files to encode
+    are split across ranks, each writes its own shard, rank 0 merges them (see lgur.search.build).
     """
-    from lgur.checkpoint import load_model, read_metadata
-    from lgur.config import defaults
-    from lgur.data import ImageFolderSet, build_test_transform
-    from lgur.data.images import verify_image
+    from lgur.search.build import build
 
-    t0 = time.perf_counter()
-    if dtype not in STORE_DTYPES:
-        raise SearchError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
-    scfg = search_cfg or defaults().search
-    checkpoint, root, out = Path(checkpoint).resolve(), Path(images).expanduser().resolve(), Path(out)
-    fingerprint = read_metadata(checkpoint)["fingerprint"]
-    report = BuildReport()
-    old, report.reencode_reason = _previous(out, fingerprint, root, dtype)
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, cfg, _ = load_model(checkpoint, device=dev)
-    transform = build_test_transform(cfg.data.image_size, model.image_mean, model.image_std, cfg.data.interpolation)
-    dataset = ImageFolderSet(root, transform)
-    rel = [p.relative_to(root).as_posix() for p in dataset.paths]
-    stats = [_stat(p) for p in dataset.paths]
-
-    old_rows = {f["path"]: i for i, f in enumerate(old.files)} if old is not None else {}
-    reuse: dict[int, int] = {}  # dataset position -> old row
-    todo: list[int] = []
-    for pos, (r, (size, mtime)) in enumerate(zip(rel, stats)):
-        row = old_rows.get(r)
-        if row is not None and old.files[row]["size"] == size and old.files[row]["mtime_ns"] == mtime:
-            reuse[pos] = row
-        else:
-            report.changed += row is not None
-            todo.append(pos)
-    present = set(rel)
-    report.removed = sum(p not in present for p in old_rows)
-    report.kept = len(reuse)
-
-    new_emb, done = encode_files(model, dataset, todo, batch_size, num_workers, dev, progress)
-    report.added = len(done)
-    failed = sorted(set(todo) - set(done))
-    report.skipped = [{"path": rel[p], "reason": verify_image(dataset.paths[p]) or "could not be decoded"}
-                      for p in failed]
-
-    # rows in path order: reused rows come from the old store, new ones from this run
-    order = sorted(list(reuse) + done)
-    if not order:
-        raise SearchError(f"{root}: none of the {len(rel)} images could be decoded; nothing to index")
-    emb = torch.empty(len(order), model.embedding_dim, dtype=STORE_DTYPES[dtype])
-    new_row = {pos: i for i, pos in enumerate(done)}
-    for source, rows in ((old.embeddings if old is not None else None, reuse), (new_emb, new_row)):
-        pairs = [(i, rows[p]) for i, p in enumerate(order) if p in rows]
-        if pairs:
-            dst, src = zip(*pairs)
-            emb[list(dst)] = source[list(src)].to(emb.dtype)
-    files = [{"path": rel[p], "size": stats[p][0], "mtime_ns": stats[p][1]} for p in order]
-
-    prev = old.manifest if old is not None else {}
-    ann_kind = prev.get("ann", {}).get("kind") if ann is None and prev.get("ann") else ann
-    pca_dim = prev.get("pca", {}).get("dim") if pca is None and prev.get("pca") else pca
-    manifest = {"format": FORMAT, "fingerprint": fingerprint, "checkpoint": str(checkpoint),
-                "images_root": str(root), "dtype": dtype, "dim": model.embedding_dim,
-                "model": {"name": cfg.model.name, "image_backbone": cfg.model.image_backbone,
-                          "text_backbone": cfg.model.text_backbone},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped": report.skipped, "pca": None, "ann": None}
-    index = GalleryIndex(manifest, files, emb)
-    from lgur.search.ann import attach_reduction
-
-    report.notes += attach_reduction(index, pca_dim or None, None if ann_kind in (None, "none") else ann_kind, scfg)
-    report.seconds = time.perf_counter() - t0
-    index.save(out)
-    return index, report
+    return build(checkpoint, images, out, dtype=dtype, batch_size=batch_size,
+                                num_workers=num_workers, device=device, ann=ann, pca=pca, search_cfg=search_cfg,
+                                progress=progress, metadata=metadata)

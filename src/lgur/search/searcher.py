@@ -60,7 +60,7 @@ def make_engine(index: GalleryIndex, mode: str, scfg, device: torch.device):
     if mode == "ann" and (not ann or index.ann is None):
         raise SearchError(f"{index.path}: " + ("no ANN index (build it with `lgur index --ann ivfpq|hnsw`)" if not ann
                                                else "its ANN index needs faiss (pip install faiss-cpu)"))
-    exact = ExactSearch(index.embeddings, scfg.compute_dtype, scfg.chunk_rows, device)
+    exact = ExactSearch(index.store, scfg.compute_dtype, scfg.chunk_rows, device)
     if mode == "exact":
         return exact
     components = index.components.to(device) if index.components is not None else None
@@ -93,6 +93,10 @@ class Searcher:
                               f"Search with that checkpoint or rebuild the index with `lgur index`")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_model(checkpoint, device=self.device)[0]
+        if self.model.embedding_dim != self.index.dim:
+            raise SearchError(f"{index_path}: embeddings of width {self.index.dim}, but {checkpoint} encodes "
+                              f"{self.model.embedding_dim}-d queries (corrupt or edited index; rebuild it with "
+                              f"`lgur index`)")
         self.checkpoint = checkpoint
         self.engine = make_engine(self.index, mode, self.cfg, self.device)
         self._lock = threading.Lock()  # the server calls from worker threads; one model forward at a time
@@ -128,7 +132,7 @@ class Searcher:
             for score, i in zip(s_row, i_row):
                 if i < 0:  # an ANN index found fewer than k
                     continue
-                path = self.index.files[i]["path"]
+                path = self.index.files.path(i)
                 correct = None
                 if relevant is not None:
                     correct = bool(relevant(qi, text, path)) if callable(relevant) else path in relevant[qi]

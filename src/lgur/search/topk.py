@@ -13,8 +13,9 @@ Why this design (numbers: bench/search.py on the 2-core CPU box, see docs in the
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,6 +52,69 @@ def batch_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+class Shards:
+    """An (N, D) matrix stored as consecutive row blocks (the index's memory-mapped shard files, or one
+    in-memory tensor). Gathers (`take`) and chunked scans (`blocks`) touch only the rows they need, so a
+    memory-mapped gallery is never read whole; `contiguous()` is the whole matrix (small galleries, tests).
+    `mapped`: the parts are memory-mapped files (scans convert chunk by chunk instead of keeping a
+    working copy in the compute dtype)."""
+
+    def __init__(self, parts: Sequence[torch.Tensor], mapped: bool = False):
+        self.parts = [p for p in parts if p.shape[0]] or list(parts[:1])
+        if not self.parts:
+            raise ValueError("Shards needs at least one part")
+        self.mapped = bool(mapped)
+        self.offsets = np.cumsum([0] + [p.shape[0] for p in self.parts])
+        d = {p.shape[1] for p in self.parts}
+        if len(d) != 1 or len({p.dtype for p in self.parts}) != 1:
+            raise ValueError("Shards: parts differ in width or dtype")
+        self.shape = torch.Size((int(self.offsets[-1]), d.pop()))
+        self.dtype, self.device = self.parts[0].dtype, self.parts[0].device
+
+    @classmethod
+    def of(cls, x: "torch.Tensor | Shards") -> "Shards":
+        return x if isinstance(x, Shards) else cls([x])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def blocks(self, rows: int) -> Iterator[torch.Tensor]:
+        for start, block in self.enumerate_blocks(rows):
+            yield block
+
+    def enumerate_blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row id, block of <= rows rows) over the whole matrix, never crossing a part."""
+        for off, p in zip(self.offsets, self.parts):
+            for r0 in range(0, p.shape[0], rows):
+                yield int(off) + r0, p[r0:r0 + rows]
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any shape of non-negative ids) -> ids.shape + (D,), reading only those rows."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if len(self.parts) == 1:
+            return self.parts[0][ids.to(self.device)]
+        flat = ids.reshape(-1).cpu().numpy()
+        which = np.searchsorted(self.offsets[1:], flat, side="right")
+        out = torch.empty(len(flat), self.shape[1], dtype=self.dtype, device=self.device)
+        for k in np.unique(which):
+            m = which == k
+            out[torch.from_numpy(m)] = self.parts[k][torch.from_numpy(flat[m] - self.offsets[k])]
+        return out.reshape(*ids.shape, self.shape[1])
+
+    def contiguous(self) -> torch.Tensor:
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
+
+    def to(self, device: torch.device) -> "Shards":
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return Shards([self.contiguous().to(device)])
+
+
+def take_rows(store, ids: torch.Tensor) -> torch.Tensor:
+    return store.take(ids) if isinstance(store, Shards) else store[ids]
+
+
 def merge_topk(best: tuple[torch.Tensor, torch.Tensor] | None, scores: torch.Tensor, ids: torch.Tensor,
                k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a chunk's (Q, k') candidates into the running best (Q, <=k)."""
@@ -64,7 +128,7 @@ def rescore(queries: torch.Tensor, store: torch.Tensor, ids: torch.Tensor, k: in
     """Exact fp32 scores of candidate rows `ids` (Q, C) of `store`; returns the best k per query, best first.
     Negative ids (an ANN index's 'no result') score -inf and keep their id."""
     ids = ids.to(store.device)
-    rows = store[ids.clamp(min=0)].to(queries.device, torch.float32)
+    rows = take_rows(store, ids.clamp(min=0)).to(queries.device, torch.float32)
     scores = torch.einsum("qd,qcd->qc", queries.float(), rows).masked_fill(ids.to(queries.device) < 0, float("-inf"))
     top, pos = scores.topk(min(k, scores.shape[1]), dim=1)
     return top, ids.to(queries.device).gather(1, pos)
@@ -79,12 +143,15 @@ class ExactSearch:
     A fixed dtype (fp32 | bf16 | fp16) forces one working copy for every call.
     """
 
-    def __init__(self, embeddings: torch.Tensor, compute_dtype: str = "auto", chunk_rows: int = 65536,
+    def __init__(self, embeddings: "torch.Tensor | Shards", compute_dtype: str = "auto", chunk_rows: int = 65536,
                  device: str | torch.device = "cpu", margin: int = 16):
         if compute_dtype != "auto" and compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be auto or one of {', '.join(DTYPES)}, got {compute_dtype!r}")
         self.device = torch.device(device)
-        self.store = embeddings.to(self.device)
+        self.shards = Shards.of(embeddings).to(self.device)
+        # one in-memory matrix: the plain tensor (and working copies, see _scan_blocks); memory-mapped
+        # shards: scanned block by block, converted per block, never copied whole
+        self.store = self.shards.parts[0] if len(self.shards.parts) == 1 and not self.shards.mapped else self.shards
         self.compute_dtype = compute_dtype
         self.chunk_rows = max(1, int(chunk_rows))
         self.margin = int(margin)
@@ -100,10 +167,16 @@ class ExactSearch:
             return self.store.dtype
         return batch_compute_dtype(self.device)
 
-    def _scan_matrix(self, dtype: torch.dtype) -> torch.Tensor:
+    def _scan_blocks(self, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+        if isinstance(self.store, Shards):
+            for r0, block in self.store.enumerate_blocks(self.chunk_rows):
+                yield r0, block.to(dtype)
+            return
         if dtype not in self._copies:
             self._copies[dtype] = self.store.to(dtype)
-        return self._copies[dtype]
+        work = self._copies[dtype]
+        for r0 in range(0, work.shape[0], self.chunk_rows):
+            yield r0, work[r0:r0 + self.chunk_rows]
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +185,6 @@ class ExactSearch:
         k = min(int(k), n)
         queries = queries.to(self.device, torch.float32)
         dtype = self.scan_dtype(queries.shape[0])
-        work = self._scan_matrix(dtype)
         exact = dtype == torch.float32 and self.store.dtype == torch.float32
         wanted = k if exact else min(n, k + self.margin)
         qchunk = max(1, _MAX_SCORES // min(self.chunk_rows, n))
@@ -121,8 +193,8 @@ class ExactSearch:
             q = queries[q0:q0 + qchunk]
             qw = q.to(dtype)
             best = None
-            for r0 in range(0, n, self.chunk_rows):
-                scores = qw @ work[r0:r0 + self.chunk_rows].T
+            for r0, block in self._scan_blocks(dtype):
+                scores = qw @ block.T
                 top, pos = scores.topk(min(wanted, scores.shape[1]), dim=1)
                 best = merge_topk(best, top.float(), pos + r0, wanted)
             top, ids = best if exact else rescore(q, self.store, best[1], k)

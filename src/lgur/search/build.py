@@ -1,0 +1,215 @@
+"""`lgur index`: build or update a gallery index, in one process or data-parallel under torchrun.
+
+    lgur index --checkpoint m.safetensors --images crops/ --out g.lgidx                # one process
+    lgur index --nproc 4 --checkpoint ... --images crops/ --out g.lgidx                # 4 processes, this machine
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        -m lgur index --checkpoint ... --images /shared/crops --out /shared/g.lgidx    # many machines
+
+Every rank lists the folder, rank 0 decides what to encode (new or changed files only; unchanged rows are
+reused from the current index) and broadcasts the plan; each rank encodes a contiguous share of those files
+(on its own GPU with `--device cuda`, else CPU) and writes it as its own shard `part-RANK.npy` (+ the
+positions that decoded) inside the new version's data folder; rank 0 then merges the reused rows and the
+parts in path order into the index's shards, so the result equals the single-process index row for row.
+Multi-machine runs need `--images` and `--out` on a file system every machine sees at the same path.
+
+If any rank dies, torchrun stops the others and nothing is committed: the previous index stays current
+(see lgur.search.index: the manifest is the single commit point) and the next run removes the leftovers.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lgur.search.index import (BASE_COLUMNS, SHARD_ROWS, STORE_DTYPES, BuildReport, GalleryIndex, IndexWriter, Rows,
+                               SearchError, _metadata_columns, _previous, _stat, column_array)
+from lgur.search.topk import Shards
+
+MERGE_BLOCK = 65536  # rows gathered per write while merging
+
+
+def _broadcast(obj, env):
+    if not env.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_ok(ok: bool, env) -> bool:
+    """True when every rank says ok (a rank that failed in Python still reaches this and says so)."""
+    if not env.distributed:
+        return ok
+    import torch.distributed as dist
+
+    flag = torch.tensor([0 if ok else 1])
+    dist.all_reduce(flag)
+    return int(flag) == 0
+
+
+def build(checkpoint, images, out, dtype="fp16", batch_size=64, num_workers=2, device=None, ann=None, pca=None,
+          search_cfg=None, progress=True, metadata=None) -> tuple[GalleryIndex | None, BuildReport]:
+    """See lgur.search.index.build_index. Under torchrun every rank calls this; rank 0 returns the index,
+    the others (None, their report)."""
+    from lgur.engine.distributed import init_distributed, teardown
+
+    env = init_distributed(device or "auto")
+    try:
+        return _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pca, search_cfg,
+                      progress, metadata)
+    finally:
+        teardown(env)
+
+
+def _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pca, search_cfg, progress, metadata):
+    from lgur.checkpoint import load_model, read_metadata
+    from lgur.config import defaults
+    from lgur.data import ImageFolderSet, build_test_transform
+    from lgur.data.images import verify_image
+    from lgur.search import index as index_mod
+
+    t0 = time.perf_counter()
+    if dtype not in STORE_DTYPES:
+        raise SearchError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
+    scfg = search_cfg or defaults().search
+    checkpoint, root, out = Path(checkpoint).resolve(), Path(images).expanduser().resolve(), Path(out)
+    fingerprint = read_metadata(checkpoint)["fingerprint"]
+    report = BuildReport(processes=env.world)
+    model, cfg, _ = load_model(checkpoint, device=env.device)
+    transform = build_test_transform(cfg.data.image_size, model.image_mean, model.image_std, cfg.data.interpolation)
+    dataset = ImageFolderSet(root, transform)
+    rel = [p.relative_to(root).as_posix() for p in dataset.paths]
+
+    writer = old = None
+    plan = None
+    if env.main:
+        old, report.reencode_reason = _previous(out, fingerprint, root, dtype)
+        stats = [_stat(p) for p in dataset.paths]
+        old_rows = {p: i for i, p in enumerate(old.files.paths())} if old is not None else {}
+        reuse: dict[int, int] = {}  # dataset position -> old row
+        todo: list[int] = []
+        sizes = old.files.columns["size"] if old is not None else None
+        mtimes = old.files.columns["mtime_ns"] if old is not None else None
+        for pos, (r, (size, mtime)) in enumerate(zip(rel, stats)):
+            row = old_rows.get(r)
+            if row is not None and int(sizes[row]) == size and int(mtimes[row]) == mtime:
+                reuse[pos] = row
+            else:
+                report.changed += row is not None
+                todo.append(pos)
+        present = set(rel)
+        report.removed = sum(p not in present for p in old_rows)
+        report.kept = len(reuse)
+        writer = IndexWriter(out).__enter__()
+        plan = {"rel": rel, "todo": todo, "data": str(writer.data)}
+    try:
+        plan = _broadcast(plan, env)
+        if plan["rel"] != rel:  # every rank must encode the same files rank 0 planned
+            dataset.paths = [root / r for r in plan["rel"]]
+            rel = plan["rel"]
+        todo, data = plan["todo"], Path(plan["data"])
+        share = todo[env.rank * len(todo) // env.world:(env.rank + 1) * len(todo) // env.world]
+        ok, err = True, ""
+        try:
+            emb, done = index_mod.encode_files(model, dataset, share, batch_size, num_workers, env.device,
+                                               progress and env.main)
+            part = data / f"part-{env.rank:05d}.npy"
+            with open(part, "wb") as f:
+                np.save(f, emb.to(STORE_DTYPES[dtype]).numpy(), allow_pickle=False)
+            (data / f"part-{env.rank:05d}.json").write_text(json.dumps(done))
+        except Exception as e:  # every rank reports to the vote below, then the failure is raised
+            ok, err = False, f"{type(e).__name__}: {e}"
+            if not env.distributed:
+                raise
+        del model
+        if not _all_ok(ok, env):
+            raise SearchError(f"indexing failed on rank {env.rank}: {err}" if err else
+                              "indexing failed on another rank (see its error); the previous index is unchanged")
+        if not env.main:
+            return None, report
+        index = _merge(writer, old, rel, reuse, dataset, data, env.world, dtype, fingerprint, checkpoint, root, cfg,
+                       report, ann, pca, scfg, metadata, verify_image)
+        report.seconds = time.perf_counter() - t0
+        return index, report
+    finally:
+        if writer is not None:
+            writer.__exit__(None, None, None)
+
+
+def _merge(writer, old, rel, reuse, dataset, data, world, dtype, fingerprint, checkpoint, root, cfg, report, ann,
+           pca, scfg, metadata, verify_image):
+    """Rank 0: reused rows + every rank's part, in path order, into the new version's shards; commit."""
+    from lgur.search.ann import attach_reduction
+
+    part_rows: dict[int, tuple[int, int]] = {}  # dataset position -> (part, row in part)
+    parts = []
+    for r in range(world):
+        done = json.loads((data / f"part-{r:05d}.json").read_text())
+        parts.append(torch.from_numpy(np.load(data / f"part-{r:05d}.npy", mmap_mode="c", allow_pickle=False)))
+        part_rows.update({pos: (r, i) for i, pos in enumerate(done)})
+    todo_failed = sorted(set(range(len(rel))) - set(reuse) - set(part_rows))
+    report.added = len(part_rows)
+    report.skipped = [{"path": rel[p], "reason": verify_image(dataset.paths[p]) or "could not be decoded"}
+                      for p in todo_failed]
+    order = sorted(list(reuse) + list(part_rows))
+    if not order:
+        raise SearchError(f"{root}: none of the {len(rel)} images could be decoded; nothing to index")
+    dim = parts[0].shape[1] if part_rows else old.dim
+    # source of each output row: -1 = the old index, r >= 0 = part r; and its row there
+    src = np.array([part_rows[p][0] if p in part_rows else -1 for p in order], dtype=np.int64)
+    row = np.array([part_rows[p][1] if p in part_rows else reuse[p] for p in order], dtype=np.int64)
+    sources = {-1: old.store if old is not None else None, **{r: Shards([t]) for r, t in enumerate(parts)}}
+
+    def blocks():
+        for b0 in range(0, len(order), MERGE_BLOCK):
+            s, rr = src[b0:b0 + MERGE_BLOCK], row[b0:b0 + MERGE_BLOCK]
+            block = torch.empty(len(s), dim, dtype=STORE_DTYPES[dtype])
+            for k in np.unique(s):
+                m = s == k
+                block[torch.from_numpy(m)] = sources[int(k)].take(torch.from_numpy(rr[m])).to(block.dtype)
+            yield block
+
+    writer.write_embeddings(blocks(), dtype, SHARD_ROWS)
+    del parts, sources
+    for p in list(data.glob("part-*")):
+        p.unlink()
+    stats = [_stat(dataset.paths[p]) for p in order]
+    old_rows = {p: i for i, p in enumerate(old.files.paths())} if old is not None else {}
+    rel_order = [rel[p] for p in order]
+    meta = _metadata_columns(rel_order, metadata, old, old_rows, report)
+    cols = {"path": column_array(rel_order, "str"), "size": column_array([s[0] for s in stats], "int"),
+            "mtime_ns": column_array([s[1] for s in stats], "int")}
+    kinds = dict(BASE_COLUMNS)
+    old_kinds = old.files.metadata_columns if old is not None else {}
+    from lgur.search.index import _kind_of
+
+    for name, values in meta.items():
+        kinds[name] = _kind_of(values) if name not in old_kinds or _kind_of(values) == "str" else old_kinds[name]
+        if kinds[name] == "int" and old_kinds.get(name) == "float":
+            kinds[name] = "float"
+        cols[name] = column_array(values, kinds[name])
+    writer.write_rows(Rows(cols, kinds))
+
+    prev = old.manifest if old is not None else {}
+    ann_kind = prev.get("ann", {}).get("kind") if ann is None and prev.get("ann") else ann
+    pca_dim = prev.get("pca", {}).get("dim") if pca is None and prev.get("pca") else pca
+    manifest = {"fingerprint": fingerprint, "checkpoint": str(checkpoint), "images_root": str(root), "dtype": dtype,
+                "dim": int(dim), "model": {"name": cfg.model.name, "image_backbone": cfg.model.image_backbone,
+                                           "text_backbone": cfg.model.text_backbone},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped": report.skipped, "pca": None, "ann": None,
+                "processes": world}
+    store = _written_store(writer, dim, dtype)
+    report.notes += attach_reduction(store, manifest, writer, pca_dim or None,
+                                     None if ann_kind in (None, "none") else ann_kind, scfg)
+    writer.commit(manifest)
+    return GalleryIndex.load(writer.path)
+
+
+def _written_store(writer: IndexWriter, dim: int, dtype: str) -> Shards:
+    return Shards([torch.from_numpy(np.load(writer.data / s["file"], mmap_mode="c", allow_pickle=False))
+                   for s in writer.shards], mapped=True)
