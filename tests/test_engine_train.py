@@ -193,3 +193,41 @@ def test_amp_modes_and_a_bf16_step():
         step = TrainStep(model, model, build_criterion(cfg), build_optimizer(model, cfg.optim), cpu, dtype)
         losses.append(float(step(*batch)["loss"]))
     assert losses[1] == pytest.approx(losses[0], rel=0.05)  # same loss up to bf16 rounding
+
+
+def _folder_bytes(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_failed_resume_leaves_the_run_folder_as_it_was(tiny_run, tmp_path, capsys):
+    """A resume whose override the checkpoint does not fit, or whose state file is corrupt, is a readable
+    error (exit 2) and changes no byte of the run folder; a plain --resume still works afterwards."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[1], run)
+    before = _folder_bytes(run)
+
+    assert main(["train", "--resume", str(run), "model.dim=32"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "does not fit" in err and "Traceback" not in err
+    assert _folder_bytes(run) == before
+
+    state = run / "last.state.pt"
+    good = state.read_bytes()
+    for broken in (good[: len(good) // 2], b"not a torch file", b""):
+        state.write_bytes(broken)
+        before = _folder_bytes(run)
+        assert main(["train", "--resume", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert "last.state.pt" in err and "training state" in err and "Traceback" not in err
+        assert _folder_bytes(run) == before
+
+    torch.save({"epoch": 2}, state)  # readable, but not a training state
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "not an lgur training state" in capsys.readouterr().err
+
+    state.write_bytes(good)
+    assert main(["train", "--resume", str(run), "optim.epochs=3", "train.max_steps_per_epoch=1"]) == 0
+    assert load_config(run / "config.yaml").optim.epochs == 3  # a successful resume keeps its overrides
+    log = (run / "train.log").read_text()
+    assert "optim.epochs: 2 -> 3" in log and "resumed at epoch 3" in log
+    assert torch.load(run / "last.state.pt", weights_only=True)["epoch"] == 3

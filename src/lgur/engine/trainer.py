@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from lgur.checkpoint import atomic_write
 from lgur.config import save_config
 from lgur.engine.distributed import DistEnv, barrier, gather_labels, gather_with_grad, init_distributed, teardown
 from lgur.engine.evaluation import evaluate, flatten, format_table
@@ -340,7 +342,8 @@ def build_trainer(cfg, env: DistEnv, run_dir: Path | None, ann, resume_state: di
     if resume_weights is not None:
         from safetensors.torch import load_file
 
-        core.load_state_dict(load_file(str(resume_weights)))
+        with _resume_errors(resume_weights):
+            core.load_state_dict(load_file(str(resume_weights)))
     core.to(env.device)
     loaders = build_loaders(cfg, ann, core.tokenizer, core.image_mean, core.image_std,
                             distributed=env.distributed, progress=env.main)
@@ -355,10 +358,12 @@ def build_trainer(cfg, env: DistEnv, run_dir: Path | None, ann, resume_state: di
         model = torch.compile(model)
     step = TrainStep(model, core, build_criterion(cfg), optimizer, env.device, dtype, grad_scaler(env.device, dtype),
                      env.world if env.distributed and cfg.train.gather_embeddings else 1, cfg.optim.grad_clip)
-    trainer = Trainer(cfg, env, run_dir, step, build_scheduler(optimizer, cfg.optim), loaders,
-                      Monitor(run_dir if env.main else None), ann.num_train_ids)
+    trainer = Trainer(cfg, env, run_dir, step, build_scheduler(optimizer, cfg.optim), loaders, Monitor(None),
+                      ann.num_train_ids)
     if resume_state is not None:
-        trainer.load(resume_state)
+        with _resume_errors(resume_weights):
+            trainer.load(resume_state)
+    trainer.monitor = Monitor(run_dir if env.main else None)  # only now: it creates tb/ files
     if env.main:
         n_train = sum(p.numel() for p in core.parameters() if p.requires_grad)
         log.info("model %s/%s: %.2fM parameters, %.2fM trainable; amp=%s; %d process(es) x batch %d; "
@@ -383,21 +388,92 @@ def train(cfg, resume_dir: Path | None = None) -> dict | None:
 
 def _train(cfg, env: DistEnv, resume_dir: Path | None) -> dict | None:
     ann = load_data(cfg)
-    run_dir = resume_dir or new_run_dir(cfg)
-    if env.distributed and resume_dir is None:  # every rank uses rank 0's folder name
+    if resume_dir is not None:
+        return _resume(cfg, env, resume_dir, ann)
+    run_dir = new_run_dir(cfg)
+    if env.distributed:  # every rank uses rank 0's folder name
         names = [str(run_dir)]
         torch.distributed.broadcast_object_list(names, src=0)
         run_dir = Path(names[0])
     if env.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        atomic_write(run_dir / "config.yaml", lambda tmp: save_config(cfg, tmp))
     setup_logging(run_dir / "train.log" if env.main else None)
-    state, weights = load_state(run_dir) if resume_dir is not None else (None, None)
-    trainer = build_trainer(cfg, env, run_dir if env.main else None, ann, state, weights)
+    trainer = build_trainer(cfg, env, run_dir if env.main else None, ann)
     if env.main:
-        log.info("run folder %s%s", run_dir, f" (resumed at epoch {trainer.epoch + 1}, step "
-                 f"{trainer.step_in_epoch})" if state else "")
+        log.info("run folder %s", run_dir)
+    return _fit(trainer)
+
+
+def _resume(cfg, env: DistEnv, run_dir: Path, ann) -> dict | None:
+    """Continue the run in run_dir under cfg (its config.yaml plus any overrides). Nothing in the folder
+    changes until the checkpoint has loaded into what cfg builds: a refused resume (corrupt state, an
+    override the checkpoint does not fit) leaves config.yaml, train.log and tb/ as they were, so the
+    run can still be resumed as it was. The log lines of the build are held in memory until then."""
+    from logging.handlers import MemoryHandler
+
+    setup_logging(None)
+    held = MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
+    root = logging.getLogger()
+    root.addHandler(held)
+    try:
+        state, weights = load_state(run_dir)
+        trainer = build_trainer(cfg, env, run_dir if env.main else None, ann, state, weights)
+    finally:
+        root.removeHandler(held)
+    if env.main:
+        changed = _config_changes(run_dir / "config.yaml", cfg)
+        atomic_write(run_dir / "config.yaml", lambda tmp: save_config(cfg, tmp))
+        setup_logging(run_dir / "train.log")
+        held.setTarget(next(h for h in root.handlers if isinstance(h, logging.FileHandler)))
+        held.flush()
+        if changed:
+            log.info("resumed with a changed config (config.yaml rewritten): %s", "; ".join(changed))
+        log.info("run folder %s (resumed at epoch %d, step %d)", run_dir, trainer.epoch + 1, trainer.step_in_epoch)
+    else:
+        setup_logging(None)
+    held.close()
+    return _fit(trainer)
+
+
+def _fit(trainer: Trainer) -> dict | None:
     try:
         return trainer.fit()
     finally:
         trainer.monitor.close()
+
+
+@contextmanager
+def _resume_errors(weights: Path):
+    """A checkpoint that does not fit the model/optimizer built from the resolved config (a changed
+    model.* override, another dataset's number of ids, a tampered state) -> one readable ConfigError."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"cannot resume {weights.parent}: its checkpoint does not fit the model and optimizer "
+                          f"built from the resolved config ({type(e).__name__}: {first}); resume without the "
+                          "overrides that change the model or the data; the run folder was left unchanged") from None
+
+
+def _config_changes(saved: Path, cfg) -> list[str]:
+    """'key: old -> new' for every leaf that differs between the saved config.yaml and cfg."""
+    from lgur.config import config_from_dict
+
+    try:
+        import yaml
+
+        old = config_from_dict(yaml.safe_load(saved.read_text()) or {}).to_dict()
+    except Exception:  # noqa: BLE001 - only a log line depends on it
+        return ["(the previous config.yaml could not be read)"]
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    before, after = dict(leaves(old)), dict(leaves(cfg.to_dict()))
+    return [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in after.keys() | before.keys()
+            if before.get(k) != after.get(k)]
