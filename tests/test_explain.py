@@ -125,3 +125,20 @@ def test_search_hits_explained(tiny_searcher):
     import json
 
     json.dumps(d)  # JSON-ready for the web API
+
+
+def test_explanation_picture(tiny_searcher, tmp_path):
+    from PIL import Image
+
+    from lgur.search.explain import explain_result, hit_panels, words_html, write_explanation_png
+
+    [result] = tiny_searcher.search("a man in a blue jacket", k=3)
+    ex = explain_result(tiny_searcher, result)
+    crops = [Image.open(h.file) for h in result.hits]
+    panels = hit_panels(crops[0], ex.hits[0])
+    assert [name for name, _ in panels] == ["crop", "foreground", f"part {ex.hits[0].strongest}"]
+    assert all(p.size == crops[0].size for _, p in panels)
+    assert all(p.tobytes() != crops[0].convert("RGB").tobytes() for _, p in panels[1:])
+    png = write_explanation_png(ex, crops, tmp_path / "ex.png")
+    assert Image.open(png).width >= 640
+    assert words_html(ex).count("<span") == len(ex.words)

@@ -157,3 +157,79 @@ def overlay(image: Image.Image, grid_map: np.ndarray, color: str | None = None, 
     a = (alpha * h)[..., None]
     out = base * (1 - a) + rgb * a
     return Image.fromarray(np.clip(out * 255 + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+# ------------------------------------------------------------------------------------------- pictures
+
+def hit_panels(crop: Image.Image, hit: HitExplanation) -> list[tuple[str, Image.Image]]:
+    """The pictures of one explained hit, each at the crop's size: the crop, the foreground gate over it, and
+    the attention of its strongest part (in that part's colour)."""
+    panels = [("crop", crop)]
+    if hit.foreground is not None:
+        panels.append(("foreground", overlay(crop, hit.foreground)))
+    if hit.part_attention is not None and hit.strongest is not None:
+        k = hit.strongest
+        panels.append((f"part {k}", overlay(crop, hit.part_attention[k], color=part_color(k), alpha=0.75)))
+    return panels
+
+
+def words_html(ex: QueryExplanation) -> str:
+    """The query with each word coloured by the part that attends to it most."""
+    import html
+
+    out = []
+    for w, k in zip(ex.words, ex.word_part):
+        style = f" style='color:{part_color(k)};font-weight:600' title='part {k}'" if k is not None else ""
+        out.append(f"<span class='w'{style}>{html.escape(w)}</span>")
+    return " ".join(out)
+
+
+def parts_text(hit: HitExplanation, limit: int = 3) -> list[str]:
+    """'part 2  +0.214  red, shirt' lines, strongest first."""
+    return [f"part {p.part}  {p.contribution:+.3f}  " + ", ".join(w for w, _ in p.top_words)
+            for p in hit.parts[:limit]]
+
+
+def write_explanation_png(ex: QueryExplanation, crops: Sequence[Image.Image], out, height: int = 192,
+                          labels: Sequence[str] | None = None) -> "Path":
+    """One picture for a query: its words coloured by part, then per hit its panels (crop, foreground,
+    strongest part) and its parts ranked by contribution."""
+    from pathlib import Path
+
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    small = ImageFont.load_default(size=12)
+    resized = [c.convert("RGB").resize((max(1, round(c.width * height / c.height)), height)) for c in crops]
+    cols = [hit_panels(c, h) for c, h in zip(resized, ex.hits)]
+    pad, gap, line = 12, 6, 16
+    col_w = [max(sum(p.width for _, p in panels) + gap * (len(panels) - 1), 200) for panels in cols]
+    width = max(pad * 2 + sum(col_w) + 3 * pad * max(len(cols) - 1, 0), 640)
+    text_lines = 4
+    sheet = Image.new("RGB", (width, pad * 3 + 2 * line + height + (text_lines + 1) * line), "white")
+    draw = ImageDraw.Draw(sheet)
+    x = pad
+    for w, k in zip(ex.words, ex.word_part):  # the query, word by word in its part's colour
+        fill = part_color(k) if k is not None else "black"
+        if x + draw.textlength(w, font=font) > width - pad:
+            break
+        draw.text((x, pad), w, fill=fill, font=font)
+        x += draw.textlength(w + " ", font=font)
+    y0 = pad * 2 + line
+    x = pad
+    for j, (panels, hit, cw) in enumerate(zip(cols, ex.hits, col_w)):
+        px = x
+        for name, im in panels:
+            sheet.paste(im, (px, y0 + line))
+            draw.text((px, y0), name, fill="black", font=small)
+            px += im.width + gap
+        ty = y0 + line + height + 4
+        label = labels[j] if labels is not None else f"#{j + 1}"
+        draw.text((x, ty), f"{label}  score {hit.score:.3f}", fill="black", font=font)
+        for i, (text, p) in enumerate(zip(parts_text(hit, text_lines - 1), hit.parts)):
+            draw.text((x, ty + (i + 1) * line), text, fill=part_color(p.part), font=small)
+        x += cw + 3 * pad
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
