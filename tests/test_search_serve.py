@@ -1,16 +1,25 @@
-"""`lgur serve`: JSON API validation, image serving by id only, and the page driven by headless Chromium."""
+"""`lgur serve`: JSON API validation, image serving by id only (never outside the gallery: edited manifests,
+symlinks, files swapped after indexing), bounded bodies and ids, an event loop that stays responsive,
+micro-batching equal to one-at-a-time search, and the page driven by headless Chromium."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
 import shutil
 import socket
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from lgur.search.index import GalleryIndex, SearchError, build_index
 from lgur.search.searcher import Searcher
-from lgur.search.server import create_app
+from lgur.search.server import QueryBatcher, create_app
 from test_search_index import built_index, tiny_checkpoint  # noqa: F401  (fixtures)
 
 
@@ -113,12 +122,13 @@ def free_port() -> socket.socket:
     return sock
 
 
-@pytest.fixture(scope="module")
-def live_server(searcher):
+@contextlib.contextmanager
+def running(app):
+    """`app` served by uvicorn on a free loopback port in a thread; yields its base URL, stops it after."""
     import uvicorn
 
     sock = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(searcher), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -126,10 +136,18 @@ def live_server(searcher):
         if time.time() > deadline or not thread.is_alive():
             pytest.fail("uvicorn did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def live_server(searcher):
+    with running(create_app(searcher)) as url:
+        yield url
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -176,3 +194,262 @@ def test_page_in_headless_chromium(live_server, searcher):
         wait.until(lambda d: "type a description" in d.find_element(By.ID, "status").text)
     finally:
         driver.quit()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# never outside the gallery
+
+
+@pytest.fixture
+def own_gallery(tmp_path, built_index, synth_root):  # noqa: F811
+    """A private copy of the indexed gallery and its index (manifest pointed at the copy), plus a secret
+    file outside the gallery: a decodable JPEG with a marker appended, so that serving or indexing it shows."""
+    gallery = tmp_path / "gallery"
+    shutil.copytree(synth_root / "imgs", gallery)
+    index = tmp_path / "copy.lgidx"
+    shutil.copytree(built_index, index)
+    edit_manifest(index, lambda m: m.update(images_root=str(gallery.resolve())))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    marker = f"SECRET-{uuid.uuid4().hex}".encode()
+    secret = outside / "secret.jpg"
+    secret.write_bytes(next(gallery.rglob("*.jpg")).read_bytes() + marker)
+    return index, gallery, secret, marker
+
+
+def edit_manifest(index: Path, change) -> None:
+    m = json.loads((index / "manifest.json").read_text())
+    change(m)
+    (index / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../outside/secret.jpg", "sub/../../outside/secret.jpg",
+                                 "SECRET_ABS", "", "a\x00b"])
+def test_manifest_naming_paths_outside_the_root_is_refused_at_load(own_gallery, bad):
+    index, gallery, secret, marker = own_gallery
+    bad = str(secret) if bad == "SECRET_ABS" else bad
+    edit_manifest(index, lambda m: m["files"][3].update(path=bad))
+    with pytest.raises(SearchError, match=r"outside its images root.*files\[3\]"):
+        GalleryIndex.load(index)
+    with pytest.raises(SearchError, match="outside its images root"):
+        Searcher(index, device="cpu")
+
+
+@pytest.mark.parametrize("root", ["/", "relative/root", None])
+def test_manifest_with_a_bad_images_root_is_refused(own_gallery, root):
+    index = own_gallery[0]
+    edit_manifest(index, lambda m: m.update(images_root=root))
+    with pytest.raises(SearchError, match="images_root"):
+        GalleryIndex.load(index)
+
+
+def test_index_skips_symlinks_leading_outside_and_reports_them(tmp_path, tiny_checkpoint, own_gallery):  # noqa: F811
+    _, gallery, secret, marker = own_gallery
+    small = tmp_path / "small"
+    small.mkdir()
+    for p in sorted(gallery.rglob("*.jpg"))[:4]:
+        shutil.copy(p, small / p.name)
+    (small / "evil.jpg").symlink_to(secret)                     # a file link leading out
+    (small / "linked").symlink_to(secret.parent, target_is_directory=True)  # a folder link leading out
+    (small / "inside.jpg").symlink_to(small / sorted(os.listdir(small))[0])  # stays inside: fine
+    index, report = build_index(tiny_checkpoint, small, tmp_path / "s.lgidx", num_workers=0, progress=False)
+    paths = [f["path"] for f in index.files]
+    assert "evil.jpg" not in paths and not any(p.startswith("linked") for p in paths)
+    assert "inside.jpg" in paths and len(paths) == 5
+    assert [s["path"] for s in report.outside] == ["evil.jpg"]
+    assert "outside the gallery" in report.outside[0]["reason"] and str(secret) in report.outside[0]["reason"]
+    assert "1 outside the gallery" in report.summary() and "evil.jpg" in report.summary()
+    manifest = json.loads((tmp_path / "s.lgidx" / "manifest.json").read_text())
+    assert "evil.jpg" in [s["path"] for s in manifest["skipped"]]
+    # only an explicit flag follows it; the strict server still refuses to serve it, an explicit one serves it
+    index, report = build_index(tiny_checkpoint, small, tmp_path / "f.lgidx", num_workers=0, progress=False,
+                                follow_symlinks=True)
+    assert "evil.jpg" in [f["path"] for f in index.files] and not report.outside
+    searcher = Searcher(tmp_path / "f.lgidx", device="cpu")
+    row = [f["path"] for f in index.files].index("evil.jpg")
+    r = TestClient(create_app(searcher)).get(f"/img/{row}")
+    assert r.status_code == 403 and marker not in r.content and "error" in r.json()
+    r = TestClient(create_app(searcher, follow_symlinks=True)).get(f"/img/{row}")
+    assert r.status_code == 200 and r.content.endswith(marker)
+
+
+def test_files_swapped_after_indexing_are_not_followed_outside(own_gallery):
+    index, gallery, secret, marker = own_gallery
+    searcher = Searcher(index, device="cpu")
+    client = TestClient(create_app(searcher))
+    files = [f["path"] for f in searcher.index.files]
+    assert client.get("/img/0").status_code == 200
+    # 1. a file replaced by a symlink to the secret
+    (gallery / files[0]).unlink()
+    (gallery / files[0]).symlink_to(secret)
+    # 2. the folder of another file replaced by a symlink to a folder holding a file of the same name
+    sub = next(p for p in files if "/" in p and p.split("/")[0] != files[0].split("/")[0])
+    folder = sub.split("/")[0]
+    decoy = secret.parent / "decoy"
+    shutil.copytree(gallery / folder, decoy / folder)
+    for p in (decoy / folder).rglob("*.jpg"):
+        p.write_bytes(secret.read_bytes())
+    shutil.rmtree(gallery / folder)
+    (gallery / folder).symlink_to(decoy / folder, target_is_directory=True)
+    # 3. a file replaced by a FIFO (opening it for reading would block a naive server)
+    fifo_row = next(i for i, p in enumerate(files) if not p.startswith(folder) and i != 0)
+    (gallery / files[fifo_row]).unlink()
+    os.mkfifo(gallery / files[fifo_row])
+    for row in (0, files.index(sub), fifo_row):
+        r = client.get(f"/img/{row}")
+        assert r.status_code == 403, (row, r.status_code)
+        assert marker not in r.content and "not served" in r.json()["error"]
+    # 4. a deleted file: 404, readable
+    gone = next(i for i, p in enumerate(files) if not p.startswith(folder) and i not in (0, fifo_row))
+    (gallery / files[gone]).unlink()
+    r = client.get(f"/img/{gone}")
+    assert r.status_code == 404 and "gone" in r.json()["error"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bounded input, responsive loop
+
+
+def test_oversized_bodies_are_413(searcher):
+    client = TestClient(create_app(searcher))
+    body = json.dumps({"query": "a man " * 20000, "k": 5}).encode()
+    assert len(body) > 65536
+    r = client.post("/api/search", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "65536" in r.json()["error"]
+    # streamed without Content-Length (chunked): counted as it arrives
+    r = client.post("/api/search", content=iter([body[:40000], body[40000:]]),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["error"]
+    # the limit is configurable (create_app / search.max_body_bytes / lgur serve --max-body-bytes)
+    small = TestClient(create_app(searcher, max_body_bytes=20))
+    assert small.post("/api/search", json={"query": "a man in a red coat", "k": 5}).status_code == 413
+    assert small.post("/api/search", json={"query": "a man"}).status_code == 200
+
+
+def test_huge_and_odd_ids_are_404_not_500(client):
+    for image_id in ("9" * 5000, "1" * 21, "99999999999999999999", "0" * 30 + "1", "1_000", "١"):  # Arabic-Indic one
+        r = client.get(f"/img/{image_id}")
+        assert r.status_code == 404, image_id
+        assert "no gallery image" in r.json()["error"] and len(r.text) < 300
+
+
+@pytest.mark.parametrize("body, expect", [
+    (json.dumps({f"k{i}": i for i in range(4800)}, separators=(",", ":")).encode(), "unknown field"),
+    (b"[" * 50000 + b"]" * 50000, "JSON"),
+    (b'{"query": "\\ud800 a man", "k": 5}', "Unicode"),
+    (b'{"query": "a man", "k": 5, "query": "x"}', None),    # duplicate key: last wins (json), still valid
+    (b'{"query": "a man", "k": NaN}', "k"),
+    (b'{"query": "a man", "k": true}', "k"),
+    ('{"query": "a man"}'.encode("utf-16"), None),   # UTF-16 JSON is valid JSON (RFC 8259 readers)
+    (b"\xff\xfe\x00garbage", "JSON"),
+])
+def test_hostile_json_bodies_get_readable_errors(client, body, expect):
+    assert len(body) <= 65536 * 2
+    r = client.post("/api/search", content=body, headers={"content-type": "application/json"})
+    if expect is None:
+        assert r.status_code in (200, 422), r.text
+        return
+    assert r.status_code in (413, 422), r.text
+    if r.status_code == 422:
+        assert expect.lower() in r.json()["error"].lower(), r.json()
+
+
+def test_hostile_bodies_do_not_stall_the_event_loop(live_server):
+    """While clients post 3 MB bodies of 200k keys (refused with 413 before they are read) and many-keyed
+    bodies just under the limit (parsed off the event loop), /api/info keeps answering within a second.
+    Before, one such 3 MB body stalled every other request for seconds (it was parsed on the loop)."""
+    import httpx
+
+    huge = json.dumps({f"key{i}": i for i in range(200_000)}).encode()
+    near = json.dumps({f"k{i}": i for i in range(4800)}, separators=(",", ":")).encode()
+    assert len(huge) > 3_000_000 and 60_000 < len(near) < 65536
+    waits, done, statuses = [], threading.Event(), []
+
+    def hostile(body: bytes, times: int):
+        with httpx.Client(timeout=60) as c:
+            for _ in range(times):
+                try:
+                    r = c.post(live_server + "/api/search", content=body, headers={"content-type": "application/json"})
+                    statuses.append((r.status_code, r.json()["error"]))
+                except httpx.TransportError as e:  # the server may close the socket while a 3 MB body is sent
+                    statuses.append((None, repr(e)))
+
+    threads = [threading.Thread(target=hostile, args=(b, n)) for b, n in ((huge, 3), (near, 20), (near, 20))]
+    for t in threads:
+        t.start()
+    with httpx.Client(timeout=30) as c:
+        while any(t.is_alive() for t in threads):
+            t0 = time.perf_counter()
+            assert c.get(live_server + "/api/info").status_code == 200
+            waits.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+    for t in threads:
+        t.join(60)
+    assert any(s == 413 for s, _ in statuses), statuses[:5]
+    assert sum(s == 422 and "unknown field" in e for s, e in statuses) == 40, statuses[:5]
+    assert len(waits) >= 3 and max(waits) < 1.0, sorted(waits)[-5:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# micro-batching
+
+
+QUERIES = ["a man in a black jacket with a red backpack", "a woman in a white dress", "a person with short hair",
+           "a girl wearing blue jeans and a yellow top carrying a bag", "an old man with a cane", "a man in grey",
+           "a woman with long black hair in a red coat and white shoes", "a boy in shorts"]
+
+
+def test_micro_batching_gives_the_same_results_as_one_at_a_time(searcher):
+    ks = [5, 10, 5, 3, 10, 1, 5, 96]
+    alone = [searcher.search([q], k)[0] for q, k in zip(QUERIES, ks)]
+    batcher = QueryBatcher(searcher, max_batch=32, window_s=0.05, max_pending=100)
+
+    async def together():
+        return await asyncio.gather(*(batcher.search(q, k) for q, k in zip(QUERIES, ks)))
+
+    batched = asyncio.run(together())
+    assert max(batcher.batches) == len(QUERIES)  # really encoded together
+    for a, b, k in zip(alone, batched, ks):
+        assert len(b.hits) == k and [h.id for h in a.hits] == [h.id for h in b.hits]
+        assert [h.score for h in a.hits] == pytest.approx([h.score for h in b.hits], abs=1e-5)
+
+
+def test_concurrent_requests_are_batched_over_http(searcher):
+    import httpx
+
+    app = create_app(searcher, batch_window_ms=50)
+    with running(app) as url:
+        async def many():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                rs = await asyncio.gather(*(c.post("/api/search", json={"query": q, "k": 4}) for q in QUERIES * 2))
+            return [r.json() for r in rs]
+
+        bodies = asyncio.run(many())
+    assert max(app.state.batcher.batches) > 1
+    for q, body in zip(QUERIES * 2, bodies):
+        [ref] = searcher.search([q], k=4)
+        assert [h["id"] for h in body["results"]] == [h.id for h in ref.hits]
+    # batching off: the same answers, one forward per request
+    off = TestClient(create_app(searcher, batch_max=1))
+    assert off.app.state.batcher is None
+    r = off.post("/api/search", json={"query": QUERIES[0], "k": 4}).json()
+    assert [h["id"] for h in r["results"]] == [h["id"] for h in bodies[0]["results"]]
+
+
+def test_batcher_is_bounded_and_passes_errors_to_each_request(searcher):
+    batcher = QueryBatcher(searcher, max_batch=4, window_s=0.0, max_pending=2)
+
+    async def flood():
+        return await asyncio.gather(*(batcher.search("a man", 3) for _ in range(6)), return_exceptions=True)
+
+    out = asyncio.run(flood())
+    refused = [o for o in out if isinstance(o, Exception)]
+    assert refused and all(getattr(e, "status", None) == 503 for e in refused)
+    assert any(not isinstance(o, Exception) for o in out)
+
+    async def bad():  # what the search raises reaches every request of the batch, and the worker goes on
+        return await asyncio.gather(batcher.search("   ", 3), return_exceptions=True)
+
+    [err] = asyncio.run(bad())
+    assert isinstance(err, SearchError)
+    assert len(asyncio.run(asyncio.wait_for(batcher.search("a man", 2), 30)).hits) == 2

@@ -26,6 +26,7 @@ import torch
 
 from lgur.search.index import (BASE_COLUMNS, SHARD_ROWS, STORE_DTYPES, BuildReport, GalleryIndex, IndexWriter, Rows,
                                SearchError, _metadata_columns, _previous, _stat, column_array)
+from lgur.search.paths import split_gallery
 from lgur.search.topk import Shards
 
 MERGE_BLOCK = 65536  # rows gathered per write while merging
@@ -53,7 +54,7 @@ def _all_ok(ok: bool, env) -> bool:
 
 
 def build(checkpoint, images, out, dtype="fp16", batch_size=64, num_workers=2, device=None, ann=None, pca=None,
-          search_cfg=None, progress=True, metadata=None) -> tuple[GalleryIndex | None, BuildReport]:
+          search_cfg=None, progress=True, metadata=None, follow_symlinks=False) -> tuple[GalleryIndex | None, BuildReport]:
     """See lgur.search.index.build_index. Under torchrun every rank calls this; rank 0 returns the index,
     the others (None, their report)."""
     from lgur.engine.distributed import init_distributed, teardown
@@ -61,12 +62,13 @@ def build(checkpoint, images, out, dtype="fp16", batch_size=64, num_workers=2, d
     env = init_distributed(device or "auto")
     try:
         return _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pca, search_cfg,
-                      progress, metadata)
+                      progress, metadata, follow_symlinks)
     finally:
         teardown(env)
 
 
-def _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pca, search_cfg, progress, metadata):
+def _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pca, search_cfg, progress, metadata,
+           follow_symlinks=False):
     from lgur.checkpoint import load_model, read_metadata
     from lgur.config import defaults
     from lgur.data import ImageFolderSet, build_test_transform
@@ -83,6 +85,7 @@ def _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pc
     model, cfg, _ = load_model(checkpoint, device=env.device)
     transform = build_test_transform(cfg.data.image_size, model.image_mean, model.image_std, cfg.data.interpolation)
     dataset = ImageFolderSet(root, transform)
+    dataset.paths, report.outside = split_gallery(dataset.paths, root, follow_symlinks)
     rel = [p.relative_to(root).as_posix() for p in dataset.paths]
 
     writer = old = None
@@ -201,8 +204,8 @@ def _merge(writer, old, rel, reuse, dataset, data, world, dtype, fingerprint, ch
     manifest = {"fingerprint": fingerprint, "checkpoint": str(checkpoint), "images_root": str(root), "dtype": dtype,
                 "dim": int(dim), "model": {"name": cfg.model.name, "image_backbone": cfg.model.image_backbone,
                                            "text_backbone": cfg.model.text_backbone},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped": report.skipped, "pca": None, "ann": None,
-                "processes": world}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped": report.outside + report.skipped, "pca": None,
+                "ann": None, "processes": world}
     store = _written_store(writer, dim, dtype)
     report.notes += attach_reduction(store, manifest, writer, pca_dim or None,
                                      None if ann_kind in (None, "none") else ann_kind, scfg)

@@ -28,6 +28,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                   "({path: {field: value}}); overrides --meta-pattern; 'time' is a timestamp")
     p.add_argument("--nproc", type=int, help="encode with N processes on this machine (torchrun, gloo/nccl); for "
                                              "many machines run `torchrun --nnodes ... -m lgur index ...`")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="also index files whose real location is outside IMAGES (default: skipped and listed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=index_cmd)
 
@@ -54,6 +56,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--mode", choices=["auto", "exact", "ann"], default="auto")
     v.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    v.add_argument("--images", help="gallery folder (default: the images root recorded in the index); "
+                                    "no file outside it is ever served")
+    v.add_argument("--max-body-bytes", type=int, help="largest request body (default: search.max_body_bytes)")
+    v.add_argument("--batch-max", type=int, help="concurrent queries encoded together at most; 1 disables "
+                                                 "micro-batching (default: search.serve_batch_max)")
+    v.add_argument("--batch-window-ms", type=float, help="wait for more queries to batch (default: "
+                                                         "search.serve_batch_window_ms)")
+    v.add_argument("--follow-symlinks", action="store_true",
+                   help="serve gallery symlinks that lead outside the images folder (for an index built with "
+                        "`lgur index --follow-symlinks`); default: refused (403)")
     v.set_defaults(func=serve_cmd)
 
     e = sub.add_parser("export", help="export the image and text encoders (ONNX)",
@@ -90,7 +102,8 @@ def index_cmd(args: argparse.Namespace) -> int:
                                 batch_size=args.batch_size or scfg.batch_size,
                                 num_workers=scfg.num_workers if args.workers is None else args.workers,
                                 device=args.device, ann=args.ann, pca=args.pca, search_cfg=scfg,
-                                progress=not args.quiet, metadata=metadata or None)
+                                progress=not args.quiet, metadata=metadata or None,
+                                follow_symlinks=args.follow_symlinks)
     if index is not None:  # rank 0 (or the only process) reports
         print(report.summary())
         cols = index.files.metadata_columns
@@ -138,9 +151,17 @@ def serve_cmd(args: argparse.Namespace) -> int:
     from lgur.search.searcher import Searcher
     from lgur.search.server import serve
 
-    searcher = Searcher(args.index, args.checkpoint, device=args.device, mode=args.mode)
+    from lgur.errors import LgurError
+
+    for name in ("max_body_bytes", "batch_max"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise LgurError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.batch_window_ms is not None and not 0 <= args.batch_window_ms <= 1000:
+        raise LgurError(f"--batch-window-ms must be within 0..1000, got {args.batch_window_ms}")
+    searcher = Searcher(args.index, args.checkpoint, device=args.device, mode=args.mode, images_root=args.images)
     print(f"serving {len(searcher)} images on http://{args.host}:{args.port}/")
-    serve(searcher, args.host, args.port)
+    serve(searcher, args.host, args.port, max_body_bytes=args.max_body_bytes, batch_max=args.batch_max,
+          batch_window_ms=args.batch_window_ms, follow_symlinks=args.follow_symlinks)
     return 0
 
 

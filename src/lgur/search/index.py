@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from lgur.errors import LgurError
+from lgur.search.paths import manifest_paths_problems
 from lgur.search.topk import Shards
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,18 @@ def _checked_manifest(manifest, where: Path) -> dict:
     return manifest
 
 
+def check_manifest_paths(where: Path, root: str, paths: list[str]) -> None:
+    """Refuse an index whose images root is not an absolute folder or whose file paths escape it (an edited
+    manifest must not make `lgur serve` read /etc/passwd): see lgur.search.paths."""
+    if not Path(root).is_absolute() or Path(root) == Path(Path(root).anchor):
+        raise SearchError(f"{where}: manifest images_root {root[:200]!r} is not an absolute path below the "
+                          f"filesystem root")
+    bad, examples = manifest_paths_problems(paths)
+    if bad:
+        raise SearchError(f"{where}: refusing an index that names {bad} image path(s) outside its images root "
+                          f"{root}: " + "; ".join(examples))
+
+
 def _open_array(path: Path, shape: tuple, dtype, what: str) -> np.ndarray:
     """A stored array, memory-mapped copy-on-write (writable view, file never modified), checked."""
     try:
@@ -403,7 +416,9 @@ class GalleryIndex:
                                       f"says {n} of {want} (corrupt index)")
             else:
                 log.warning("%s has an ANN index but faiss is not installed: exact search is used", path)
-        return cls(manifest, Rows(cols, manifest["columns"]), Shards(parts, mapped=True), components, reduced, ann, path)
+        rows = Rows(cols, manifest["columns"])
+        check_manifest_paths(path, manifest["images_root"], rows.paths())
+        return cls(manifest, rows, Shards(parts, mapped=True), components, reduced, ann, path)
 
     def save(self, path: str | Path) -> Path:
         """Write this (in-memory) index to `path` atomically (see the module docstring)."""
@@ -599,6 +614,7 @@ class BuildReport:
     changed: int = 0
     removed: int = 0
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    outside: list[dict] = field(default_factory=list)  # symlinks leading outside the images root (not indexed)
     reencode_reason: str = ""
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -609,12 +625,15 @@ class BuildReport:
         if self.reencode_reason:
             lines.append(f"re-encoding everything: {self.reencode_reason}")
         lines.append(f"kept {self.kept}, added {self.added} ({self.changed} changed), removed {self.removed}, "
-                     f"skipped {len(self.skipped)} unreadable ({self.seconds:.1f} s"
+                     f"skipped {len(self.skipped)} unreadable"
+                     + (f", {len(self.outside)} outside the gallery" if self.outside else "")
+                     + f" ({self.seconds:.1f} s"
                      + (f", {self.processes} processes" if self.processes > 1 else "") + ")")
-        for s in self.skipped[:examples]:
+        listed = self.outside + self.skipped
+        for s in listed[:examples]:
             lines.append(f"  skipped {s['path']}: {s['reason']}")
-        if len(self.skipped) > examples:
-            lines.append(f"  ... and {len(self.skipped) - examples} more (all listed in the manifest)")
+        if len(listed) > examples:
+            lines.append(f"  ... and {len(listed) - examples} more (all listed in the manifest)")
         return "\n".join(lines + self.notes)
 
 
@@ -703,8 +722,12 @@ def _metadata_columns(rel: list[str], metadata: MetadataSource | list, old: Gall
 def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, dtype: str = "fp16",
                 batch_size: int = 64, num_workers: int = 2, device: str | None = None, ann: str | None = None,
                 pca: int | None = None, search_cfg=None, progress: bool = True,
-                metadata: MetadataSource | list = None) -> tuple[GalleryIndex, BuildReport]:
+                metadata: MetadataSource | list = None,
+                follow_symlinks: bool = False) -> tuple[GalleryIndex, BuildReport]:
     """Create or update the index at `out` for every image under `images`, encoded by `checkpoint`.
+
+    Files whose real location is outside `images` (symlinks) are skipped and reported (BuildReport.outside,
+    the manifest's `skipped`), unless follow_symlinks.
 
     ann/pca: build an ANN index (ivfpq | hnsw) and/or a PCA reduction; None keeps what the previous index
     had (an update rebuilds them on the new rows), "none"/0 removes them.
@@ -729,4 +752,4 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, dty
 
     return build(checkpoint, images, out, dtype=dtype, batch_size=batch_size,
                                 num_workers=num_workers, device=device, ann=ann, pca=pca, search_cfg=search_cfg,
-                                progress=progress, metadata=metadata)
+                                progress=progress, metadata=metadata, follow_symlinks=follow_symlinks)

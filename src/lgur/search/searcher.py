@@ -110,24 +110,35 @@ class Searcher:
         bs = int(self.cfg.text_batch_size)
         return torch.cat([self.model.encode_captions(list(texts[i:i + bs])).float() for i in range(0, len(texts), bs)])
 
-    def search(self, texts: Sequence[str] | str, k: int = 10, relevant: Relevant = None) -> list[QueryResult]:
-        """Top-k gallery images per text, best first. `relevant` (optional ground truth) marks each hit's
-        `correct`: either one collection of correct relative paths per query, or a predicate
-        relevant(query_index, query_text, relative_path) -> bool."""
+    def search(self, texts: Sequence[str] | str, k: int | Sequence[int] = 10,
+               relevant: Relevant = None) -> list[QueryResult]:
+        """Top-k gallery images per text, best first. `k` is one number or one per text (the texts are encoded
+        together either way; `lgur serve` batches concurrent requests this way). `relevant` (optional ground
+        truth) marks each hit's `correct`: either one collection of correct relative paths per query, or a
+        predicate relevant(query_index, query_text, relative_path) -> bool."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return []
         if any(not isinstance(t, str) or not t.strip() for t in texts):
             raise SearchError("every query must be a non-empty string")
-        if k < 1:
-            raise SearchError(f"k must be at least 1, got {k}")
+        ks = [k] * len(texts) if isinstance(k, int) else list(k)
+        if len(ks) != len(texts):
+            raise SearchError(f"k: {len(ks)} values for {len(texts)} queries")
+        if min(ks) < 1:
+            raise SearchError(f"k must be at least 1, got {min(ks)}")
         if relevant is not None and not callable(relevant) and len(relevant) != len(texts):
             raise SearchError(f"relevant: {len(relevant)} ground-truth sets for {len(texts)} queries")
         # one query = small ops (a short caption, a memory-bound scan): run them on search.single_query_threads
+        rows: list = [None] * len(texts)
         with self._lock, torch_threads(int(self.cfg.single_query_threads) if len(texts) == 1 else 0):
-            scores, ids = self.engine.search(self.encode(texts), k)
+            emb = self.encode(texts)
+            for kk in sorted(set(ks)):  # one scan per distinct k, so each query ranks exactly as if alone
+                group = [i for i, x in enumerate(ks) if x == kk]
+                scores, ids = self.engine.search(emb if len(group) == len(texts) else emb[group], kk)
+                for i, s_row, i_row in zip(group, scores.tolist(), ids.tolist()):
+                    rows[i] = (s_row, i_row)
         results = []
-        for qi, (text, s_row, i_row) in enumerate(zip(texts, scores.tolist(), ids.tolist())):
+        for qi, (text, (s_row, i_row)) in enumerate(zip(texts, rows)):
             hits = []
             for score, i in zip(s_row, i_row):
                 if i < 0:  # an ANN index found fewer than k

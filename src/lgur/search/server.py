@@ -3,56 +3,269 @@
     GET  /                 the search page (static/index.html: text box, k selector, grid of hits)
     POST /api/search       {"query": str (1..max_query_chars), "k": int (1..max_k)} -> {"query", "k", "results":
                            [{"rank", "score", "id", "path", "url"}], "ms"}
-    GET  /api/info         gallery size, model, search engine
+    GET  /api/info         gallery size, model, search engine, limits
     GET  /img/{id}         gallery image `id` (an index row); ids only, never a user-supplied path
 
-Bad requests get a 4xx with {"error": message}. Search runs in FastAPI's thread pool (the endpoint is a plain
-def) so the event loop stays free while the model encodes.
+Every request is hostile until checked, and every refusal is a 4xx with {"error": message}, never a traceback:
+
+- bodies: at most `search.max_body_bytes` (413 beyond, checked on Content-Length and on the bytes actually
+  received), parsed and validated in a worker thread (`read_body`: one place for every JSON endpoint), so a
+  large or many-keyed body never stalls the event loop;
+- images: only by row id (at most 20 digits), and the file is opened through lgur.search.paths.open_gallery_file:
+  resolved again on every request and required to stay under the index's images root, so a file swapped
+  for a symlink after indexing is refused (403), not followed;
+- concurrent searches are encoded together (`QueryBatcher`): requests wait in an asyncio queue; one worker
+  takes up to search.serve_batch_max of them (waiting search.serve_batch_window_ms for more after the first)
+  and runs one Searcher.search over them in a thread. serve_batch_max: 1 encodes each request alone.
 """
 # no `from __future__ import annotations`: FastAPI must see the request model class defined inside
 # create_app (its limits come from the config), not a string it cannot resolve
+import asyncio
+import json
+import logging
 import mimetypes
+import os
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lgur.search.searcher import Searcher
+from lgur.search.paths import OutsideGallery, open_gallery_file
+from lgur.search.searcher import QueryResult, Searcher
+
+log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
+MAX_ID_DIGITS = 20  # /img/{id}: longer digit strings are refused before int() (5000 digits used to be a 500)
+READ_CHUNK = 1 << 16
+
+
+class RequestError(Exception):
+    """A request the server refuses: `status` (4xx/5xx) and a readable message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
 
 
 def _describe(err: dict) -> str:
     where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-    return f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", "invalid request")
+    msg = err.get("msg", "invalid")
+    return f"{where}: {msg}" if where else msg
 
 
-def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: int | None = None) -> FastAPI:
-    """The app around an already-loaded `searcher` (limits default to the search: config section)."""
-    max_query_chars = int(max_query_chars or searcher.cfg.max_query_chars)
-    max_k = int(max_k or searcher.cfg.max_k)
+# ---------------------------------------------------------------------------------------------------------
+# request bodies
 
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over `max_bytes` with 413, whether announced by Content-Length
+    or streamed (chunked); the app never sees more than `max_bytes` of body."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def _refuse(self, send, status: int, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = f"request body larger than {self.max_bytes} bytes (search.max_body_bytes / --max-body-bytes)"
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                if not (value.isdigit() and len(value) <= 20):
+                    return await self._refuse(send, 400, "invalid Content-Length header")
+                if int(value) > self.max_bytes:
+                    return await self._refuse(send, 413, too_big)
+        received, started = 0, False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise RequestError(413, too_big)
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except RequestError as e:
+            if started:
+                raise
+            await self._refuse(send, e.status, e.message)
+
+
+def parse_body(body: bytes, model: type[BaseModel]) -> BaseModel:
+    """JSON object `body` -> validated `model` (strict: no type coercion, no unknown keys); RequestError(422)
+    with a readable message otherwise. CPU-bound: call it off the event loop (`read_body`)."""
+    if not body.strip():
+        raise RequestError(422, "empty body: send a JSON object, e.g. {\"query\": \"a man in a red coat\", \"k\": 10}")
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError:
+        raise RequestError(422, "body is not valid JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise RequestError(422, f"body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise RequestError(422, "body is not valid JSON (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise RequestError(422, f"body must be a JSON object, not {type(data).__name__}")
+    unknown = [key for key in data if key not in model.model_fields]
+    if unknown:  # named here, not by pydantic, which would build one error per key (200k keys: seconds)
+        shown = ", ".join(repr(key[:40]) for key in unknown[:5])
+        raise RequestError(422, f"unknown field(s) {shown}" + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+                           + f"; expected {', '.join(model.model_fields)}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise RequestError(422, "; ".join(_describe(err) for err in e.errors()[:5]) or "invalid request") from None
+
+
+async def read_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The one entry point for JSON request bodies: read (bounded by BodyLimit), then parse and validate in
+    a worker thread so that the event loop keeps answering other requests meanwhile."""
+    return await run_in_threadpool(parse_body, await request.body(), model)
+
+
+def query_model(max_query_chars: int, max_k: int) -> type[BaseModel]:
     class SearchRequest(BaseModel):
         model_config = ConfigDict(strict=True, extra="forbid")
         query: str = Field(min_length=1, max_length=max_query_chars)
         k: int = Field(default=10, ge=1, le=max_k)
 
-    app = FastAPI(title="lgur person search", docs_url=None, redoc_url=None)
+        @field_validator("query")
+        @classmethod
+        def has_text(cls, v: str) -> str:
+            if not v.strip():
+                raise ValueError("must contain some text")
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("is not valid Unicode text (lone surrogate)") from None
+            return v
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        return JSONResponse({"error": "; ".join(_describe(e) for e in errors[:5]) or "invalid request"},
-                            status_code=422)
+    return SearchRequest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# micro-batching
+
+
+class QueryBatcher:
+    """Encodes concurrent queries together (one Searcher.search over a batch, in a worker thread).
+
+    `search(text, k)` queues the query and awaits its result. One worker per event loop drains the queue: it
+    takes the first waiting query, then more until `max_batch` or until `window_s` has passed since the
+    first, searches them together and resolves each request's future; it exits when the queue is empty (the
+    next request starts it again), so no task outlives the traffic. More than `max_pending` waiting queries:
+    503. Results equal one-at-a-time search: Searcher.search scans each distinct k separately.
+    """
+
+    def __init__(self, searcher: Searcher, max_batch: int, window_s: float, max_pending: int):
+        self.searcher, self.max_batch, self.window_s = searcher, max(1, int(max_batch)), max(0.0, float(window_s))
+        self.max_pending = max(1, int(max_pending))
+        self._loop = self._queue = self._task = None
+        self.batches: list[int] = []  # sizes of the last batches run (diagnostics, /api/info)
+
+    async def search(self, text: str, k: int) -> QueryResult:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first use on this loop (a test client may run one loop per request)
+            self._loop, self._queue, self._task = loop, asyncio.Queue(), None
+        if self._queue.qsize() >= self.max_pending:
+            raise RequestError(503, f"server busy: {self._queue.qsize()} queries waiting; retry shortly")
+        fut = loop.create_future()
+        self._queue.put_nowait((text, k, fut))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._work(self._queue))
+        return await fut
+
+    async def _work(self, queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        while not queue.empty():
+            batch = [queue.get_nowait()]
+            deadline = loop.time() + self.window_s
+            while len(batch) < self.max_batch:
+                if not queue.empty():
+                    batch.append(queue.get_nowait())
+                    continue
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            batch = [b for b in batch if not b[2].done()]  # a cancelled request needs no answer
+            if not batch:
+                continue
+            self.batches = (self.batches + [len(batch)])[-100:]
+            try:
+                results = await run_in_threadpool(self.searcher.search, [b[0] for b in batch], [b[1] for b in batch])
+            except Exception as e:  # noqa: BLE001 -- every waiting request gets the error, the worker goes on
+                for *_, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (*_, fut), result in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(result)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the app
+
+
+def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: int | None = None,
+               max_body_bytes: int | None = None, batch_max: int | None = None, batch_window_ms: float | None = None,
+               follow_symlinks: bool = False) -> FastAPI:
+    """The app around an already-loaded `searcher`; every limit defaults to the search: config section.
+
+    follow_symlinks: serve gallery files that are symlinks leading outside the images root (only for an
+    index built with `lgur index --follow-symlinks`, whose owner trusts the links in the gallery).
+    """
+    cfg = searcher.cfg
+    pick = lambda value, key: getattr(cfg, key) if value is None else value  # noqa: E731
+    max_query_chars, max_k = int(max_query_chars or cfg.max_query_chars), int(max_k or cfg.max_k)
+    max_body_bytes = int(pick(max_body_bytes, "max_body_bytes"))
+    batch_max = int(pick(batch_max, "serve_batch_max"))
+    batch_window_s = float(pick(batch_window_ms, "serve_batch_window_ms")) / 1e3
+    SearchRequest = query_model(max_query_chars, max_k)
+    batcher = QueryBatcher(searcher, batch_max, batch_window_s, int(cfg.serve_max_pending)) if batch_max > 1 else None
+    root = searcher.index.images_root.resolve()
+
+    app = FastAPI(title="lgur person search", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.state.batcher = batcher
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}: {str(exc)[:300]})"}, status_code=500)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -61,35 +274,58 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/api/info")
-    def info() -> dict:
+    async def info() -> dict:
         m = searcher.index.manifest
         return {"images": len(searcher), "model": m["model"], "fingerprint": m["fingerprint"],
-                "engine": type(searcher.engine).__name__, "max_k": max_k, "max_query_chars": max_query_chars}
+                "engine": type(searcher.engine).__name__, "max_k": max_k, "max_query_chars": max_query_chars,
+                "max_body_bytes": max_body_bytes, "batch_max": batch_max}
 
     @app.post("/api/search")
-    def search(req: SearchRequest) -> dict:
-        if not req.query.strip():
-            return JSONResponse({"error": "query: must contain some text"}, status_code=422)
+    async def search(request: Request) -> dict:
+        req = await read_body(request, SearchRequest)
         t = time.perf_counter()
-        [result] = searcher.search([req.query], k=req.k)
+        if batcher is not None:
+            result = await batcher.search(req.query, req.k)
+        else:
+            [result] = await run_in_threadpool(searcher.search, [req.query], req.k)
         hits = [{**h.to_dict(), "url": f"/img/{h.id}"} for h in result.hits]
         return {"query": req.query, "k": req.k, "results": hits, "ms": round((time.perf_counter() - t) * 1e3, 2)}
 
     @app.get("/img/{image_id}")
-    def image(image_id: str) -> FileResponse:
+    def image(image_id: str) -> Any:
         # the id is parsed here rather than typed as int so that anything but a row number ("..", "-1",
-        # "1e3", "%2e%2e%2fetc") is a plain 404, never a path; files are looked up only through the index
-        if not (image_id.isascii() and image_id.isdigit()) or int(image_id) >= len(searcher):
-            return JSONResponse({"error": f"no gallery image {image_id[:40]!r}"}, status_code=404)
-        path = searcher.index.file(int(image_id))
-        if not path.is_file():
+        # "1e3", "%2e%2e%2fetc", 5000 digits) is a plain 404, never a path; files are looked up only
+        # through the index, and opened only inside its images root
+        if not (image_id.isascii() and image_id.isdigit() and len(image_id) <= MAX_ID_DIGITS) \
+                or int(image_id) >= len(searcher):
+            shown = image_id[:40] + ("..." if len(image_id) > 40 else "")
+            return JSONResponse({"error": f"no gallery image {shown!r}"}, status_code=404)
+        rel = searcher.index.files.path(int(image_id))
+        try:
+            fd, st = open_gallery_file(root, rel, follow_symlinks)
+        except OutsideGallery as e:
+            log.warning("refused /img/%s: %s", image_id, e)
+            return JSONResponse({"error": f"gallery image {image_id} is not served: it no longer lies inside "
+                                          f"the gallery folder or is not a regular file"}, status_code=403)
+        except OSError:
             return JSONResponse({"error": f"gallery image {image_id} is gone from disk"}, status_code=404)
-        return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+        media = mimetypes.guess_type(rel)[0] or "application/octet-stream"
+        return StreamingResponse(_chunks(fd, st.st_size), media_type=media,
+                                 headers={"content-length": str(st.st_size), "x-content-type-options": "nosniff"})
 
     return app
 
 
-def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000) -> None:
+def _chunks(fd: int, size: int) -> Iterator[bytes]:
+    """The first `size` bytes (its size when checked) of an already-opened, checked file; then close it."""
+    with os.fdopen(fd, "rb") as f:
+        while size > 0 and (chunk := f.read(min(READ_CHUNK, size))):
+            size -= len(chunk)
+            yield chunk
+
+
+def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
+    """Run the app with uvicorn; `limits` are create_app's keyword arguments (None: from the config)."""
     import uvicorn
 
-    uvicorn.run(create_app(searcher), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(searcher, **limits), host=host, port=port, log_level="info")
