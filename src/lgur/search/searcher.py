@@ -73,6 +73,24 @@ def make_engine(index: GalleryIndex, mode: str, scfg, device: torch.device):
     return exact
 
 
+def length_buckets(lengths: Sequence[int], max_batch: int, max_padding: float = 0.15) -> list[list[int]]:
+    """Positions grouped for batched encoding: sorted by length, a batch grows while its padding (tokens added
+    to reach its longest member) stays within `max_padding` of its real tokens and it has < max_batch members.
+    A transformer's cost grows with batch x longest length, so mixing 14- and 40-token captions wastes compute."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    real = 0
+    for i in order:
+        b = buckets[-1] if buckets else None
+        if b is not None and len(b) < max_batch and lengths[i] * (len(b) + 1) <= (1 + max_padding) * (real + lengths[i]):
+            b.append(i)
+            real += lengths[i]
+        else:
+            buckets.append([i])
+            real = lengths[i]
+    return buckets
+
+
 class Searcher:
     """Loads an index and its model once; `search(texts, k)` ranks the gallery for each text."""
 
@@ -106,9 +124,18 @@ class Searcher:
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """Texts -> (Q, D) embeddings, encoded in batches of search.text_batch_size."""
-        bs = int(self.cfg.text_batch_size)
-        return torch.cat([self.model.encode_captions(list(texts[i:i + bs])).float() for i in range(0, len(texts), bs)])
+        """Texts -> (Q, D) embeddings, in input order. Encoded in batches of at most search.text_batch_size texts
+        of similar token length (`length_buckets`), so that short captions are not padded to the longest one."""
+        texts = list(texts)
+        if len(texts) == 1:
+            return self.model.encode_captions(texts).float()
+        lengths = [len(ids) for ids in self.model.tokenizer(texts, truncation=True,
+                                                             max_length=self.model.max_caption_tokens)["input_ids"]]
+        out = [None] * len(texts)
+        for bucket in length_buckets(lengths, int(self.cfg.text_batch_size)):
+            for i, e in zip(bucket, self.model.encode_captions([texts[i] for i in bucket]).float()):
+                out[i] = e
+        return torch.stack(out)
 
     def search(self, texts: Sequence[str] | str, k: int | Sequence[int] = 10,
                relevant: Relevant = None) -> list[QueryResult]:

@@ -1,0 +1,170 @@
+"""Benchmark: `lgur serve` under concurrent clients, micro-batching off vs on, in one run (not a test).
+
+    .venv/bin/python bench/serve_load.py [--recipe lgur_small_synth] [--requests 2000] [--clients 32]
+                                         [--index X.lgidx --checkpoint M.safetensors] [--batch-max 32]
+
+Without --index: a random-init model of --recipe (random weights cost the same as trained ones) and an index
+of a small synthetic gallery are built in a temporary folder. For each setting, `lgur serve` runs in its own
+process on a free loopback port: first `--batch-max 1` (micro-batching disabled: every request encodes its
+query alone, as before), then --batch-max (default search.serve_batch_max) with search.serve_batch_window_ms.
+Each gets --warmup requests, then --requests POST /api/search (k=10, synthetic captions of varied length)
+from --clients concurrent keep-alive clients (asyncio + httpx), every response checked (200, k hits).
+Printed per setting: requests/s, p50/p99/max latency, and the load average before and after (the machine may
+be shared with other jobs: compare the two rows of one run, not figures from different runs).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+import lgur  # noqa: F401  (first: sets lgur's OpenMP policy before torch loads, as `lgur serve` runs)
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def build(recipe: str, tmp: Path) -> tuple[Path, Path]:
+    """A random-init `recipe` model and an index of a 96-image synthetic gallery, under `tmp`."""
+    import torch
+
+    from lgur.checkpoint import save_model
+    from lgur.config import load_config
+    from lgur.data.synth import generate
+    from lgur.models import build_model
+    from lgur.search.index import build_index
+
+    cfg = load_config(recipe)
+    torch.manual_seed(0)
+    checkpoint = tmp / "model.safetensors"
+    save_model(build_model(cfg, 0, pretrained=False), cfg, checkpoint, 0)
+    generate(tmp / "synth", num_ids=24, seed=0, images_per_id=4, workers=1, progress=False)
+    index = tmp / "gallery.lgidx"
+    build_index(checkpoint, tmp / "synth" / "imgs", index, num_workers=0, progress=False)
+    return index, checkpoint
+
+
+def queries(n: int) -> list[str]:
+    import numpy as np
+
+    from lgur.data.synth import describe, sample_identity
+
+    rng = np.random.default_rng(0)
+    return [describe(sample_identity(rng), rng) for _ in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(index: Path, checkpoint: Path | None, batch_max: int | None, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lgur", "serve", "--index", str(index), "--device", "cpu", "--port", str(port)]
+    cmd += ["--checkpoint", str(checkpoint)] if checkpoint else []
+    cmd += ["--batch-max", str(batch_max)] if batch_max else []
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"lgur serve exited ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/api/info", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"lgur serve did not answer within {timeout:.0f} s")
+
+
+async def hammer(url: str, texts: list[str], requests: int, clients: int, k: int) -> tuple[float, list[float]]:
+    """`requests` searches from `clients` concurrent clients -> (wall seconds, per-request latencies)."""
+    latencies: list[float] = []
+    next_i = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+        async def client() -> None:
+            nonlocal next_i
+            while next_i < requests:
+                i, next_i = next_i, next_i + 1
+                t = time.perf_counter()
+                r = await c.post("/api/search", json={"query": texts[i % len(texts)], "k": k})
+                latencies.append(time.perf_counter() - t)
+                if r.status_code != 200 or len(r.json()["results"]) != k:
+                    raise SystemExit(f"bad answer {r.status_code}: {r.text[:300]}")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return time.perf_counter() - t0, latencies
+
+
+def run(label: str, index: Path, checkpoint: Path | None, batch_max: int | None, texts: list[str],
+        args: argparse.Namespace) -> float:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(index, checkpoint, batch_max, port)
+    try:
+        wait_ready(proc, url)
+        asyncio.run(hammer(url, texts, args.warmup, args.clients, args.k))
+        before = load()
+        wall, lat = asyncio.run(hammer(url, texts, args.requests, args.clients, args.k))
+        after = load()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    q = statistics.quantiles(lat, n=100, method="inclusive")
+    rps = len(lat) / wall
+    print(f"| {label:<22} | {rps:8.1f} | {q[49] * 1e3:8.0f} | {q[98] * 1e3:8.0f} | {max(lat) * 1e3:8.0f} | "
+          f"{before} -> {after}", flush=True)
+    return rps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="lgur_small_synth", help="model recipe for the built index (no --index)")
+    ap.add_argument("--index", type=Path, help="an existing index (default: build one)")
+    ap.add_argument("--checkpoint", type=Path, help="its model (default: the one recorded in the index)")
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=64)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--batch-max", type=int, help="the 'after' setting (default: search.serve_batch_max)")
+    args = ap.parse_args()
+    if not 1 <= args.clients <= 512 or not 1 <= args.requests <= 100_000:
+        raise SystemExit("--clients must be in 1..512 and --requests in 1..100000")
+
+    with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
+        index, checkpoint = (args.index, args.checkpoint) if args.index else build(args.recipe, Path(tmp))
+        texts = queries(500)
+        from lgur.config import defaults
+
+        after = args.batch_max or int(defaults().search.serve_batch_max)
+        what = args.index or f"random-init {args.recipe}, 96-image synthetic gallery"
+        print(f"lgur serve, {what}: {args.requests} requests (k={args.k}) from {args.clients} clients, "
+              f"{os.cpu_count()} CPUs")
+        print("| setting                | req/s    | p50 ms   | p99 ms   | max ms   | load")
+        print("|------------------------|----------|----------|----------|----------|-----")
+        base = run("batching off (max 1)", index, checkpoint, 1, texts, args)
+        new = run(f"micro-batching (max {after})", index, checkpoint, after, texts, args)
+        print(f"throughput ratio (batching / off): {new / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
