@@ -223,13 +223,23 @@ def edit_manifest(index: Path, change) -> None:
     (index / "manifest.json").write_text(json.dumps(m))
 
 
+def edit_path(index: Path, row: int, new: str) -> None:
+    """Rewrite one row's stored relative path (the `path` column), as an attacker with write access would."""
+    import numpy as np
+
+    col = index / json.loads((index / "manifest.json").read_text())["data"] / "col-path.npy"
+    paths = [bytes(p) for p in np.load(col, allow_pickle=False)]
+    paths[row] = new.encode()
+    np.save(col, np.array(paths, dtype=f"S{max(map(len, paths))}"), allow_pickle=False)
+
+
 @pytest.mark.parametrize("bad", ["/etc/passwd", "../outside/secret.jpg", "sub/../../outside/secret.jpg",
                                  "SECRET_ABS", "", "a\x00b"])
 def test_manifest_naming_paths_outside_the_root_is_refused_at_load(own_gallery, bad):
     index, gallery, secret, marker = own_gallery
     bad = str(secret) if bad == "SECRET_ABS" else bad
-    edit_manifest(index, lambda m: m["files"][3].update(path=bad))
-    with pytest.raises(SearchError, match=r"outside its images root.*files\[3\]"):
+    edit_path(index, 3, bad)
+    with pytest.raises(SearchError, match=r"outside its images root.*row 3"):
         GalleryIndex.load(index)
     with pytest.raises(SearchError, match="outside its images root"):
         Searcher(index, device="cpu")
@@ -253,7 +263,7 @@ def test_index_skips_symlinks_leading_outside_and_reports_them(tmp_path, tiny_ch
     (small / "linked").symlink_to(secret.parent, target_is_directory=True)  # a folder link leading out
     (small / "inside.jpg").symlink_to(small / sorted(os.listdir(small))[0])  # stays inside: fine
     index, report = build_index(tiny_checkpoint, small, tmp_path / "s.lgidx", num_workers=0, progress=False)
-    paths = [f["path"] for f in index.files]
+    paths = index.files.paths()
     assert "evil.jpg" not in paths and not any(p.startswith("linked") for p in paths)
     assert "inside.jpg" in paths and len(paths) == 5
     assert [s["path"] for s in report.outside] == ["evil.jpg"]
@@ -264,9 +274,9 @@ def test_index_skips_symlinks_leading_outside_and_reports_them(tmp_path, tiny_ch
     # only an explicit flag follows it; the strict server still refuses to serve it, an explicit one serves it
     index, report = build_index(tiny_checkpoint, small, tmp_path / "f.lgidx", num_workers=0, progress=False,
                                 follow_symlinks=True)
-    assert "evil.jpg" in [f["path"] for f in index.files] and not report.outside
+    assert "evil.jpg" in index.files.paths() and not report.outside
     searcher = Searcher(tmp_path / "f.lgidx", device="cpu")
-    row = [f["path"] for f in index.files].index("evil.jpg")
+    row = index.files.paths().index("evil.jpg")
     r = TestClient(create_app(searcher)).get(f"/img/{row}")
     assert r.status_code == 403 and marker not in r.content and "error" in r.json()
     r = TestClient(create_app(searcher, follow_symlinks=True)).get(f"/img/{row}")
@@ -277,7 +287,7 @@ def test_files_swapped_after_indexing_are_not_followed_outside(own_gallery):
     index, gallery, secret, marker = own_gallery
     searcher = Searcher(index, device="cpu")
     client = TestClient(create_app(searcher))
-    files = [f["path"] for f in searcher.index.files]
+    files = searcher.index.files.paths()
     assert client.get("/img/0").status_code == 200
     # 1. a file replaced by a symlink to the secret
     (gallery / files[0]).unlink()
