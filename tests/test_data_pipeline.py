@@ -272,3 +272,35 @@ def test_build_loaders_distributed_and_no_val(tmp_path, tokenizer):
         assert loaders.val is None and len(loaders.test.images) == 2
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_loaders_name_every_substituted_record_across_workers(synth, tmp_path, tokenizer):
+    """Decode failures inside DataLoader worker processes reach the main process's report, each named by
+    its annotation record, with how often it happened; so do gallery blanks and truncated captions."""
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(synth, root)
+    records = json.loads((root / "reid_raw.json").read_text())
+    train = next(i for i, r in enumerate(records) if r["split"] == "train")
+    test = next(i for i, r in enumerate(records) if r["split"] == "test")
+    for i in (train, test):
+        (root / "imgs" / records[i]["file_path"]).write_bytes(b"\xff\xd8 not a jpeg")
+    records[test]["captions"][0] = "word " * 60  # over max_caption_tokens=48
+    (root / "reid_raw.json").write_text(json.dumps(records))
+    ann = load_annotations(root)
+    cfg = load_config("lgur_tiny", ["data.num_workers=2", "data.persistent_workers=true", "optim.batch_size=4"])
+    loaders = build_loaders(cfg, ann, tokenizer, MEAN, STD, progress=False)
+    assert loaders.train.num_workers == 2
+    for _ in range(2):  # two epochs through persistent workers
+        assert sum(len(b["labels"]) for b in loaders.train) == len(loaders.train_set) // 4 * 4
+    list(loaders.test.image_loader)
+    found = {(p.kind, p.action, p.index): p.message for p in loaders.problems("reid_raw.json")}
+    assert set(found) == {("decode_failure", "substituted", train), ("decode_failure", "substituted", test),
+                          ("truncated_caption", "fixed", test)}
+    assert records[train]["file_path"] in found[("decode_failure", "substituted", train)]
+    # its 2 captions in each of 2 epochs (32 pairs make 8 full batches: none dropped), from 2 workers
+    assert "4 time(s)" in found[("decode_failure", "substituted", train)]
+    assert "blank image" in found[("decode_failure", "substituted", test)]
+    report = ann.report(loaders.problems("reid_raw.json"))
+    assert report["records_substituted"] == 2 and "while loading: 2 decode_failure substituted" in report["summary"]

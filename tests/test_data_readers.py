@@ -256,3 +256,65 @@ def test_data_check_cli(tmp_path, capsys):
     assert "corrupt_image" in captured.out and "are unusable" in captured.err
     assert main(["data-check", str(tmp_path / "missing")]) == 2
     assert "dataset root not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# duplicate images, leakage between splits, the in/used report
+
+
+def test_duplicate_image_and_leakage_between_splits_are_found(tmp_path):
+    recs = cuhk_records()
+    recs[1]["file_path"] = "CUHK01/0003_0.png"                # train record #1 = train record #0's image
+    recs[11]["file_path"] = "CUHK01/./0001_1.png"             # test record #11 = train record #3's image
+    root = make_dataset(tmp_path / "d", "reid_raw.json", recs)
+    (root / "imgs" / "CUHK01" / "link.png").symlink_to(root / "imgs" / "CUHK01" / "0005_0.png")
+    recs[9]["file_path"] = "CUHK01/link.png"                  # val record #9 = val record #8's image, by symlink
+    (root / "reid_raw.json").write_text(json.dumps(recs))
+    ann = load_annotations(root)
+    found = {(p.kind, p.index): p.message for p in ann.duplicates()}
+    assert set(found) == {("duplicate_image", 1), ("image_in_two_splits", 11), ("duplicate_image", 9)}
+    assert "record #0" in found[("duplicate_image", 1)] and "imgs/CUHK01/0003_0.png" in found[("duplicate_image", 1)]
+    assert "record #3 (train)" in found[("image_in_two_splits", 11)] and "leakage" in found[("image_in_two_splits", 11)]
+    assert "record #8" in found[("duplicate_image", 9)]
+    ann.raise_if_duplicates(allow=True)
+    with pytest.raises(DataError, match="allow_duplicate_images=true") as e:
+        ann.raise_if_duplicates(allow=False)
+    assert "2 duplicate_image, 1 image_in_two_splits" in str(e.value)
+    assert not load_annotations(make_dataset(tmp_path / "clean", "reid_raw.json", cuhk_records())).duplicates()
+
+
+def test_report_counts_what_went_in_and_what_is_used(tmp_path):
+    recs = cuhk_records()
+    recs[2]["captions"] = ["", "a caption"]                    # fixed: one caption dropped
+    recs[5]["id"] = "x"                                        # skipped: bad field
+    root = make_dataset(tmp_path, "reid_raw.json", recs)
+    (root / "imgs" / recs[7]["file_path"]).unlink()            # skipped: missing image
+    ann = load_annotations(root, skip_train_ids=[3], max_bad_fraction=None)  # excluded: records #0, #1
+    r = ann.report()
+    assert r["in"] == {"records": 12, "images": 12, "captions": 24}
+    assert r["used"]["records"] == 12 - 2 - 2 and r["used"]["images"] == 8
+    assert r["used"]["captions"] == 24 - 4 - 4 - 1
+    assert r["used"]["splits"]["train"] == {"records": 4, "images": 4, "captions": 7}
+    assert r["records_skipped"] == 2 and r["records_excluded"] == 2
+    named = {(p["kind"], p["action"], p["record"]) for p in r["problems"]}
+    assert {("bad_field", "skipped", 5), ("missing_image", "skipped", 7), ("empty_caption", "fixed", 2),
+            ("skip_train_ids", "excluded", 0), ("skip_train_ids", "excluded", 1)} <= named
+    assert all(p["file"] == "reid_raw.json" for p in r["problems"])
+    line = ann.summary()
+    assert "12 records, 12 images, 24 captions in; used 8 records, 8 images, 15 captions" in line
+    assert "2 records skipped, 0 substituted, 2 excluded on request" in line
+
+
+def test_data_check_reports_duplicates_and_exits_2(tmp_path, capsys):
+    recs = cuhk_records()
+    recs[11]["file_path"] = recs[0]["file_path"]  # the test split shares a train image
+    root = make_dataset(tmp_path, "reid_raw.json", recs)
+    assert main(["data-check", str(root), "--no-verify"]) == 2
+    captured = capsys.readouterr()
+    assert "image_in_two_splits: 1 noted" in captured.out and "reid_raw.json record #11" in captured.out
+    assert "lgur train` refuses them unless data.allow_duplicate_images=true" in captured.out
+    assert "allow_duplicate_images" in captured.err
+    recipe = tmp_path / "allow.yaml"
+    recipe.write_text("data:\n  allow_duplicate_images: true\n")
+    assert main(["data-check", str(root), "--no-verify", "--config", str(recipe)]) == 0
+    assert "in and used   reid_raw.json: 12 records, 11 images, 24 captions in" in capsys.readouterr().out

@@ -231,3 +231,60 @@ def test_failed_resume_leaves_the_run_folder_as_it_was(tiny_run, tmp_path, capsy
     log = (run / "train.log").read_text()
     assert "optim.epochs: 2 -> 3" in log and "resumed at epoch 3" in log
     assert torch.load(run / "last.state.pt", weights_only=True)["epoch"] == 3
+
+
+def _troubled(synth_root: Path, dst: Path) -> dict[str, int]:
+    """A copy of the synthetic set with 4 train ids, one missing and one undecodable train image, one
+    undecodable test image and a test record that reuses a train image (leakage). Returns their records."""
+    shutil.copytree(synth_root, dst)
+    records = json.loads((dst / "reid_raw.json").read_text())
+    train_ids = sorted({r["id"] for r in records if r["split"] == "train"})[:4]
+    records = [r for r in records if r["split"] != "train" or r["id"] in train_ids]
+    train = [i for i, r in enumerate(records) if r["split"] == "train"]
+    test = [i for i, r in enumerate(records) if r["split"] == "test"]
+    where = {"missing": train[0], "broken_train": train[5], "broken_test": test[1], "leak": len(records)}
+    (dst / "imgs" / records[where["missing"]]["file_path"]).unlink()
+    for k in ("broken_train", "broken_test"):
+        (dst / "imgs" / records[where[k]]["file_path"]).write_bytes(b"\xff\xd8 not a jpeg")
+    records.append({**records[test[0]], "file_path": records[train[3]]["file_path"]})
+    (dst / "reid_raw.json").write_text(json.dumps(records))
+    return where
+
+
+def test_every_skipped_or_substituted_record_is_named_in_log_and_results(synth_root, tmp_path, capsys):
+    """16 train records - 1 missing = 30 pairs = 5 full batches of 6, so every pair is loaded, through 2
+    DataLoader workers; the run names each problem record in train.log, results.json and `lgur eval`."""
+    root = tmp_path / "data"
+    where = _troubled(synth_root, root)
+    args = ["train", "--config", "lgur_tiny", "--data-root", str(root), "--out-dir", str(tmp_path / "runs"),
+            "optim.epochs=1", "optim.batch_size=6", "data.max_bad_fraction=0.2", "data.num_workers=2",
+            "data.persistent_workers=true", "eval.select_on=test"]
+    assert main(args) == 2  # the leak is refused before a run folder exists
+    err = capsys.readouterr().err
+    assert "1 image_in_two_splits" in err and "data.allow_duplicate_images=true" in err
+    assert not (tmp_path / "runs").exists()
+
+    assert main(args + ["data.allow_duplicate_images=true"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    data = json.loads((run / "results.json").read_text())["data"]
+    named = {(p["kind"], p["action"], p["record"]) for p in data["problems"]}
+    assert {("missing_image", "skipped", where["missing"]), ("decode_failure", "substituted", where["broken_train"]),
+            ("decode_failure", "substituted", where["broken_test"]), ("image_in_two_splits", "note", where["leak"])
+            } <= named
+    assert data["in"] == {"records": 37, "images": 36, "captions": 74}  # 16 train + 8 val + 12 test + the leak
+    assert data["used"]["splits"]["train"] == {"records": 15, "images": 15, "captions": 30}
+    assert data["records_skipped"] == 1 and data["records_substituted"] == 2
+    log = (run / "train.log").read_text()
+    for k in ("missing", "broken_train", "broken_test", "leak"):
+        assert f"reid_raw.json record #{where[k]}:" in log, k
+    assert "37 records, 36 images, 74 captions in; used 36 records, 35 images, 72 captions" in log
+    assert "while loading: 2 decode_failure substituted" in log  # the end-of-run summary
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(run), "--data-root", str(root), "--workers", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"reid_raw.json record #{where['broken_test']}:" in printed and "blank image" in printed
+    data = json.loads(out.read_text())["data"]
+    assert ("decode_failure", "substituted", where["broken_test"]) in {
+        (p["kind"], p["action"], p["record"]) for p in data["problems"]}
+    assert data["used"]["splits"] == {"test": {"records": 13, "images": 13, "captions": 26}}

@@ -10,7 +10,11 @@ Every public copy of these datasets is a JSON list of per-image records next to 
     rstpreid    data_captions.json                       img_path      `split` field
 
 Bad records are skipped and reported in `Annotations.problems` (file + record index, never silently);
-problems that make the data unusable raise `DataError` before any training starts.
+problems that make the data unusable raise `DataError` before any training starts. Duplicate image paths
+within a split and images in two splits (train/test leakage) are found here too (kinds `duplicate_image`
+and `image_in_two_splits`, compared by resolved path, so symlinks and `a/../b` spellings count);
+training refuses them unless `data.allow_duplicate_images` is set. `Annotations.report()` is the
+summary a run logs and writes to results.json: records, images and captions in and used, every problem.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from lgur.data.images import verify_image
 from lgur.errors import DataError
 
 SPLITS = ("train", "val", "test")
+DUPLICATE_KINDS = ("duplicate_image", "image_in_two_splits")
 # accepted spellings of the three split names (case-insensitive)
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -62,7 +67,9 @@ class Record:
 @dataclass(frozen=True)
 class Problem:
     """One finding about the data. action: 'skipped' (record dropped), 'fixed' (kept after a repair,
-    e.g. an empty caption removed) or 'note' (nothing changed, worth knowing)."""
+    e.g. an empty caption removed or a long caption truncated), 'substituted' (an undecodable image replaced
+    at load time: another training pair, or a blank gallery image), 'excluded' (dropped on request:
+    data.skip_train_ids) or 'note' (nothing changed, worth knowing)."""
 
     kind: str
     action: str
@@ -73,6 +80,10 @@ class Problem:
     def __str__(self) -> str:
         where = f"{self.file} record #{self.index}" if self.index is not None else self.file
         return f"{where}: {self.message}"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "action": self.action, "file": self.file, "record": self.index,
+                "message": self.message}
 
 
 @dataclass
@@ -90,11 +101,18 @@ class Problems:
     def counts(self) -> dict[str, int]:
         return dict(Counter(p.kind for p in self.items))
 
-    def skipped_records(self) -> int:
-        return len({(p.file, p.index) for p in self.items if p.action == "skipped"})
+    def extend(self, items: Iterable[Problem]) -> None:
+        self.items.extend(items)
 
-    def format(self, examples: int = 5) -> str:
-        """Grouped report: one header per kind with its count, then the first `examples` messages."""
+    def skipped_records(self) -> int:
+        return self.records_with("skipped")
+
+    def records_with(self, action: str) -> int:
+        return len({(p.file, p.index) for p in self.items if p.action == action})
+
+    def format(self, examples: int | None = 5, every: tuple[str, ...] = ()) -> str:
+        """Grouped report: one header per kind with its count, then the first `examples` messages (all
+        of them for kinds whose action is in `every`, or when examples is None)."""
         if not self.items:
             return "no problems found"
         groups: dict[tuple[str, str], list[Problem]] = defaultdict(list)
@@ -102,11 +120,13 @@ class Problems:
             groups[(p.kind, p.action)].append(p)
         lines = []
         for (kind, action), ps in groups.items():
-            verb = {"skipped": "records skipped", "fixed": "fixed", "note": "noted"}[action]
+            verb = {"skipped": "records skipped", "fixed": "fixed", "note": "noted",
+                    "substituted": "records substituted", "excluded": "records excluded on request"}[action]
             lines.append(f"  {kind}: {len(ps)} {verb}")
-            lines += [f"    {p}" for p in ps[:examples]]
-            if len(ps) > examples:
-                lines.append(f"    ... and {len(ps) - examples} more")
+            shown = len(ps) if examples is None or action in every else examples
+            lines += [f"    {p}" for p in ps[:shown]]
+            if len(ps) > shown:
+                lines.append(f"    ... and {len(ps) - shown} more")
         return "\n".join(lines)
 
 
@@ -125,6 +145,8 @@ class Annotations:
     total_records: int
     problems: Problems
     dropped_train_ids: int = 0
+    images_in: int = 0              # distinct image paths named by the file's records
+    captions_in: int = 0            # captions in the file's records (those with a caption list)
 
     def split(self, name: str) -> list[Record]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -135,6 +157,60 @@ class Annotations:
 
     def bad_fraction(self) -> float:
         return self.problems.skipped_records() / max(self.total_records, 1)
+
+    def duplicates(self) -> list[Problem]:
+        """Duplicate images within a split and images in two splits (train/test leakage)."""
+        return [p for p in self.problems.items if p.kind in DUPLICATE_KINDS]
+
+    def raise_if_duplicates(self, allow: bool) -> None:
+        """Refuse duplicate images and train/test leakage unless `allow` (data.allow_duplicate_images)."""
+        found = self.duplicates()
+        if found and not allow:
+            counts = Counter(p.kind for p in found)
+            raise DataError(
+                f"{self.annotation_file}: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+                + f" (e.g. {found[0]}); duplicates weigh some images twice and an image in two splits leaks "
+                "training data into evaluation. Fix the annotation file, or pass data.allow_duplicate_images=true "
+                f"to train anyway; `lgur data-check {self.annotation_file.parent}` lists them all")
+
+    def report(self, found: Sequence[Problem] = (), left_out: Sequence[Record] = (),
+               splits: Sequence[str] = SPLITS) -> dict:
+        """What a run logs and writes to results.json ("data"): records, images and captions in the file
+        and used (by `splits`; minus the `left_out` records a loader could not use), every problem of the
+        reader plus the loaders' `found` ones (file + record each), totals per action, and the text."""
+        left = {(r.split, r.index) for r in left_out}
+        by_split = {s: [r for r in self.split(s) if (s, r.index) not in left] for s in splits}
+
+        def counts(rs: list[Record]) -> dict[str, int]:
+            return {"records": len(rs), "images": len({r.image_path for r in rs}),
+                    "captions": sum(len(r.captions) for r in rs)}
+
+        problems = Problems(list(self.problems.items) + list(found))
+        used = counts([r for rs in by_split.values() for r in rs])
+        kinds = Counter(f"{p.kind} ({p.action})" for p in problems.items)
+        loading = Counter(f"{p.kind} {p.action}" for p in found)
+        report = {"annotation_file": str(self.annotation_file), "layout": self.layout,
+                  "in": {"records": self.total_records, "images": self.images_in, "captions": self.captions_in},
+                  "used": {**used, "splits": {s: counts(rs) for s, rs in by_split.items()}},
+                  "records_skipped": problems.records_with("skipped"),
+                  "records_substituted": problems.records_with("substituted"),
+                  "records_excluded": problems.records_with("excluded"),
+                  "problem_counts": dict(kinds), "problems": [p.to_dict() for p in problems.items]}
+        i = report["in"]
+        splits_text = ", ".join(f"{s} {c['records']}/{c['images']}/{c['captions']}"
+                                for s, c in report["used"]["splits"].items())
+        report["summary"] = (
+            f"{self.annotation_file.name}: {i['records']} records, {i['images']} images, {i['captions']} captions in; "
+            f"used {used['records']} records, {used['images']} images, {used['captions']} captions "
+            f"(records/images/captions: {splits_text}); {report['records_skipped']} records skipped, "
+            f"{report['records_substituted']} substituted, {report['records_excluded']} excluded on request"
+            + ("; while loading: " + ", ".join(f"{n} {k}" for k, n in loading.items()) if loading else ""))
+        report["text"] = problems.format(examples=5, every=("skipped", "substituted", "excluded"))
+        return report
+
+    def summary(self) -> str:
+        """One line: what went in and what is used."""
+        return self.report()["summary"]
 
     def raise_if_unusable(self, max_bad_fraction: float) -> None:
         """Refuse data that cannot train or evaluate: too many bad records, or no train/test records."""
@@ -265,6 +341,28 @@ def _note_id_gaps(raws: list[_Raw], file: str, problems: Problems, examples: int
         problems.add("id_gap", "note", file, None, f"{len(gaps) - examples} more id gaps")
 
 
+def _find_duplicate_images(records: list[Record], image_root: Path, file: str, problems: Problems) -> None:
+    """Every record whose image (resolved path) an earlier record already uses: in the same split
+    (duplicate_image) or in another one (image_in_two_splits: train/test leakage)."""
+    first: dict[str, Record] = {}
+    for r in records:
+        try:
+            key = os.path.normcase(str(r.image_path.resolve()))
+        except (OSError, RuntimeError):  # a symlink loop: the path itself is the best identity left
+            key = os.path.normcase(os.path.normpath(str(r.image_path)))
+        seen = first.setdefault(key, r)
+        if seen is r:
+            continue
+        rel = f"{IMAGE_DIR}/{r.image_path.relative_to(image_root).as_posix()}"
+        if seen.split == r.split:
+            problems.add("duplicate_image", "note", file, r.index,
+                         f"{rel}: same image as record #{seen.index} (both {r.split})")
+        else:
+            problems.add("image_in_two_splits", "note", file, r.index,
+                         f"{rel} ({r.split}): same image as record #{seen.index} ({seen.split}): leakage between "
+                         "splits")
+
+
 def _note_split_overlap(raws: list[_Raw], file: str, problems: Problems) -> None:
     splits_of: dict[int, set[str]] = defaultdict(set)
     for r in raws:
@@ -312,13 +410,18 @@ def load_annotations(root: str | Path, skip_train_ids: Iterable[int] = (), max_b
         if r.split == "train":
             if r.raw_id in skip:
                 dropped += 1
+                problems.add("skip_train_ids", "excluded", file, r.index,
+                             f"train id {r.raw_id} is in data.skip_train_ids ({IMAGE_DIR}/{r.rel_path})")
                 continue
             label = remap.setdefault(r.raw_id, len(remap))
         else:
             label = r.raw_id
         by_split[r.split].append(Record(image_root / r.rel_path, label, r.captions, r.split, r.raw_id, r.index))
+    _find_duplicate_images([r for s in SPLITS for r in by_split[s]], image_root, file, problems)
+    images_in = {it[image_field].strip() for it in items if isinstance(it, dict) and isinstance(it.get(image_field), str)}
+    captions_in = sum(len(it["captions"]) for it in items if isinstance(it, dict) and isinstance(it.get("captions"), list))
     ann = Annotations(layout, ann_file, image_root, rule, by_split["train"], by_split["val"], by_split["test"],
-                      len(remap), len(items), problems, dropped)
+                      len(remap), len(items), problems, dropped, len(images_in), captions_in)
     if max_bad_fraction is not None:
         ann.raise_if_unusable(max_bad_fraction)
     return ann

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data-check", help="read a dataset, print counts per split and every problem found",
                        description="Reads CUHK-PEDES / ICFG-PEDES / RSTPReid (layout auto-detected), opens every "
-                                   "image, and prints counts and grouped problems. Exit 2 when the data is unusable.")
+                                   "image, and prints counts, grouped problems, duplicate images and images shared "
+                                   "between splits. Exit 2 when `lgur train` would refuse the data.")
     p.add_argument("root", help="dataset folder (or its annotation json)")
     p.add_argument("--config", help="recipe whose data section to use (default: defaults.yaml)")
     p.add_argument("--skip-train-ids", type=int, nargs="*", help="raw train ids to drop (default: data.skip_train_ids)")
@@ -17,6 +19,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder for the caption-length check (default: model.tokenizer)")
     p.add_argument("--no-verify", action="store_true", help="only check that image files exist (faster)")
     p.add_argument("--examples", type=int, default=5, help="messages shown per kind of problem")
+    p.add_argument("--all", action="store_true", help="show every message (no --examples limit)")
     p.set_defaults(func=data_check)
 
     s = sub.add_parser("synth", help="write the synthetic pedestrian dataset (CUHK-PEDES layout)",
@@ -65,9 +68,17 @@ def data_check(args: argparse.Namespace) -> int:
           + ", ".join(f"{s} {n}" for s, n in long.items()))
     print(f"\nproblems ({len(ann.problems)}; {ann.problems.skipped_records()} records skipped = "
           f"{ann.bad_fraction():.2%} of {ann.total_records}, limit data.max_bad_fraction {max_bad:.2%}):")
-    print(ann.problems.format(args.examples))
+    print(ann.problems.format(None if args.all else args.examples))
+    print(f"\nin and used   {ann.summary()}")
+    dups = ann.duplicates()
+    if dups:
+        print(f"duplicates    {len(dups)} records reuse an image ("
+              + ", ".join(f"{k} {n}" for k, n in Counter(p.kind for p in dups).items()) + "): `lgur train` refuses "
+              + ("them unless data.allow_duplicate_images=true" if not dc.allow_duplicate_images else
+                 "nothing: data.allow_duplicate_images is true"))
     print(f"\nchecked in {time.perf_counter() - start:.1f} s")
     ann.raise_if_unusable(max_bad)
+    ann.raise_if_duplicates(bool(dc.allow_duplicate_images))
     return 0
 
 

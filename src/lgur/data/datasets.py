@@ -10,9 +10,11 @@ L is the longest caption of the batch. Captions are tokenised once when a datase
 
 Bad images never stop an epoch: a training pair whose image cannot be decoded is replaced by another
 pair, an evaluation image by a blank (mean-colour) image so the gallery keeps its size, and a search
-image is left out. Each failure is logged with the file name and counted (counters live in shared
-memory, so failures inside DataLoader workers are counted too); `DataLoaders.report()` summarises them.
-With `data.cache_images` the images are decoded once up front and bad ones are known before training.
+image is left out. Each failure is logged with the file name and counted per image (one counter per
+image in shared memory, written by whichever DataLoader worker decoded it, so nothing depends on the
+workers reporting back); `DataLoaders.problems()` names every such record (annotation file + record
+index) with its count, and `DataLoaders.report()` summarises them. With `data.cache_images` the images
+are decoded once up front and bad ones are known before training.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lgur.data.annotations import Annotations, Record
+from lgur.data.annotations import IMAGE_DIR, Annotations, Problem, Record
 from lgur.data.images import DECODE_ERRORS, IMAGE_EXTENSIONS, load_rgb
 from lgur.data.transforms import DeviceAugment, build_test_transform, build_train_transform, resize_transform
 from lgur.errors import ConfigError, DataError
@@ -48,12 +50,14 @@ class TokenizedCaptions:
             raise ConfigError(f"data.max_caption_tokens={max_tokens} leaves no room for text")
         seqs: list[list[int]] = []
         self.truncated = 0
+        self.truncated_rows = np.zeros(0, dtype=np.int64)  # which captions were truncated
         if captions:
             enc = tokenizer(list(captions), truncation=True, max_length=max_tokens, return_overflowing_tokens=True,
                             verbose=False)
             owner = enc["overflow_to_sample_mapping"]  # one row per max_tokens window; the first is the caption
             seqs = [ids for k, ids in enumerate(enc["input_ids"]) if k == 0 or owner[k] != owner[k - 1]]
-            self.truncated = int((np.bincount(owner, minlength=len(captions)) > 1).sum())
+            self.truncated_rows = np.flatnonzero(np.bincount(owner, minlength=len(captions)) > 1)
+            self.truncated = len(self.truncated_rows)
         self.offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
         np.cumsum([len(s) for s in seqs], out=self.offsets[1:])
         self.flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(self.offsets[-1]))
@@ -156,24 +160,61 @@ class _ImageDataset(Dataset):
     """Shared image loading: from the cache (uint8 at the resize size) or from the file through
     `transform` (normalised float). Decode failures are logged with the file and counted."""
 
-    def __init__(self, paths: Sequence[Path], transform: Callable | None, cache: ImageCache | None):
+    def __init__(self, paths: Sequence[Path], transform: Callable | None, cache: ImageCache | None,
+                 records: Sequence[Record] = ()):
         if (transform is None) == (cache is None):
             raise ValueError("pass exactly one of transform / cache")
         self.paths = [Path(p) for p in paths]
         self.transform, self.cache = transform, cache
         self.cache_rows = cache.rows(self.paths) if cache is not None else None
-        self.failures = torch.zeros(1, dtype=torch.int64).share_memory_()  # counted across workers
+        # record index in the annotation file of each image (-1: not from an annotation file)
+        self.record_index = np.array([r.index for r in records] if records else [-1] * len(self.paths), dtype=np.int64)
+        # Shared memory, created before any worker starts, so every worker's counts land here. failed[i]
+        # is written only by the worker decoding image i; two workers failing on the same image in the same
+        # instant could lose one count, never the fact that it failed.
+        self.failures = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.failed = torch.zeros(len(self.paths), dtype=torch.int32).share_memory_()
 
     def load_image(self, i: int) -> torch.Tensor | None:
         if self.cache is not None:
             row = self.cache_rows[i]
-            return self.cache.images[row] if self.cache.ok[row] else None
+            if self.cache.ok[row]:
+                return self.cache.images[row]
+            self.failed[i] += 1
+            return None
         try:
             return self.transform(load_rgb(self.paths[i]))
         except DECODE_ERRORS as e:
             self.failures += 1
+            self.failed[i] += 1
             log.warning("cannot decode %s (%s: %s)", self.paths[i], type(e).__name__, e)
             return None
+
+    def failure_problems(self, file: str, split: str, action: str, effect: str) -> list[Problem]:
+        """One Problem per image that failed to decode so far: record, path, reason, how often."""
+        out = []
+        for i in torch.nonzero(self.failed).flatten().tolist():
+            path, n = self.paths[i], int(self.failed[i])
+            if self.cache is not None:
+                reason = "undecodable when the image cache was built"
+            else:
+                try:
+                    load_rgb(path)
+                    reason = "failed to decode at the time, decodes now"
+                except DECODE_ERRORS as e:
+                    reason = f"{type(e).__name__}: {e}".replace(f"'{path}'", "").replace(str(path), "").rstrip()
+            index = int(self.record_index[i])
+            shown = _shown(path) if index >= 0 else str(path)
+            out.append(Problem("decode_failure", action, file, index if index >= 0 else None,
+                               f"{split}: {shown} could not be decoded {n} time(s) ({reason}); {effect}"))
+        return out
+
+
+def _shown(path: Path) -> str:
+    """imgs/<path inside the dataset's image folder>, as the annotation reader names images."""
+    parts = path.parts
+    k = max((i for i, part in enumerate(parts) if part == IMAGE_DIR), default=None)
+    return "/".join(parts[k:]) if k is not None else str(path)
 
 
 def _records_with_images(records: list[Record], cache: ImageCache | None, what: str) -> list[Record]:
@@ -192,12 +233,18 @@ class TrainPairs(_ImageDataset):
 
     def __init__(self, records: list[Record], tokenizer, max_caption_tokens: int, transform: Callable | None = None,
                  cache: ImageCache | None = None):
+        self.left_out = [r for r in records if cache is not None and not cache.ok[cache.row[r.image_path]]]
         records = _records_with_images(records, cache, "train")
-        super().__init__([r.image_path for r in records], transform, cache)
+        super().__init__([r.image_path for r in records], transform, cache, records)
         self.record_of = np.repeat(np.arange(len(records)), [len(r.captions) for r in records])
         self.first_pair = np.concatenate([[0], np.cumsum([len(r.captions) for r in records])[:-1]]).astype(np.int64)
         self.labels = np.array([r.person_id for r in records], dtype=np.int64)[self.record_of]
         self.tokens = _tokenize([c for r in records for c in r.captions], tokenizer, max_caption_tokens, "train")
+
+    @property
+    def caption_record_index(self) -> np.ndarray:
+        """Record index (in the annotation file) of every pair's caption."""
+        return self.record_index[self.record_of]
 
     def __len__(self) -> int:
         return len(self.record_of)
@@ -221,7 +268,7 @@ class EvalImages(_ImageDataset):
 
     def __init__(self, records: list[Record], *, blank: torch.Tensor, transform: Callable | None = None,
                  cache: ImageCache | None = None):
-        super().__init__([r.image_path for r in records], transform, cache)
+        super().__init__([r.image_path for r in records], transform, cache, records)
         self.pids = torch.tensor([r.person_id for r in records], dtype=torch.long)
         self.blank = blank
 
@@ -243,6 +290,7 @@ class EvalCaptions(Dataset):
         self.pids = torch.tensor([r.person_id for r in records for _ in r.captions], dtype=torch.long)
         self.image_index = torch.tensor([i for i, r in enumerate(records) for _ in r.captions], dtype=torch.long)
         self.tokens = _tokenize([c for r in records for c in r.captions], tokenizer, max_caption_tokens, what)
+        self.caption_record_index = np.array([r.index for r in records], dtype=np.int64)[self.image_index.numpy()]
 
     def __len__(self) -> int:
         return len(self.pids)
@@ -291,6 +339,11 @@ class EvalSplit:
     def image_pids(self) -> torch.Tensor:
         return self.images.pids
 
+    def problems(self, file: str) -> list[Problem]:
+        """Gallery images substituted by blanks and truncated captions so far, named by record."""
+        return (self.images.failure_problems(file, self.name, "substituted", "a blank image took its place in "
+                                             "the gallery") + _truncation_problems(self.captions, file, self.name))
+
     @property
     def caption_pids(self) -> torch.Tensor:
         return self.captions.pids
@@ -327,21 +380,57 @@ class DataLoaders:
         if self.augment is not None:
             self.augment.set_epoch(epoch)
 
+    def _parts(self) -> list[tuple[str, object, object]]:
+        parts = [("train", self.train_set, self.train_set)]
+        return parts + [(s.name, s.images, s.captions) for s in (self.val, self.test) if s is not None]
+
+    def problems(self, file: str) -> list[Problem]:
+        """Every record the loaders skipped, substituted or truncated so far, named by `file` (the
+        annotation file name) and record index: train records left out by the image cache, images that
+        failed to decode (training pairs replaced by others, gallery images by blanks), truncated captions."""
+        out = [Problem("decode_failure", "skipped", file, r.index,
+                       f"train: {_shown(r.image_path)} could not be decoded into the image cache; its pairs are left out")
+               for r in getattr(self.train_set, "left_out", [])]
+        for name, images, captions in self._parts():
+            effect = "each time another training pair was used" if name == "train" else \
+                "a blank image took its place in the gallery"
+            out += images.failure_problems(file, name, "substituted", effect)
+            out += _truncation_problems(captions, file, name)
+        return out
+
+    def failure_counts(self) -> dict[str, torch.Tensor]:
+        """Per-image decode failure counts of every split (saved with the training state)."""
+        return {name: images.failed for name, images, _ in self._parts()}
+
+    def add_failure_counts(self, counts: dict[str, torch.Tensor]) -> None:
+        """Add counts of an earlier session (a resumed run) or of other ranks, matched by split and size."""
+        mine = self.failure_counts()
+        for name, c in counts.items():
+            if name in mine and c.shape == mine[name].shape:
+                mine[name] += c.to(mine[name].dtype)
+
     def report(self) -> str:
         """Counted truncations and decode failures so far ('' when there were none)."""
         lines = []
         if self.cache is not None and self.cache.failures:
             lines.append(f"image cache: {self.cache.failures} undecodable images (train pairs left out, "
                          "evaluation images blank)")
-        parts = [("train", self.train_set, self.train_set)]
-        parts += [(s.name, s.images, s.captions) for s in (self.val, self.test) if s is not None]
-        for name, images, captions in parts:
-            if int(images.failures):
-                lines.append(f"{name}: {int(images.failures)} image decode failures (substituted; see warnings)")
+        for name, images, captions in self._parts():
+            n = int(images.failed.sum())
+            if n:
+                lines.append(f"{name}: {n} image decode failures in {int((images.failed > 0).sum())} images "
+                             "(substituted; named in the data report)")
             if captions.tokens.truncated:
                 lines.append(f"{name}: {captions.tokens.truncated} captions truncated to "
                              f"{captions.tokens.max_tokens} tokens")
         return "\n".join(lines)
+
+
+def _truncation_problems(captions, file: str, name: str) -> list[Problem]:
+    index, tokens = captions.caption_record_index, captions.tokens
+    return [Problem("truncated_caption", "fixed", file, int(index[row]),
+                    f"{name}: a caption of this record was truncated to {tokens.max_tokens} tokens")
+            for row in tokens.truncated_rows.tolist()]
 
 
 def _loader_options(cfg, cache: ImageCache | None) -> dict:

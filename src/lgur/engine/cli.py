@@ -115,8 +115,10 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"model {ckpt} (fingerprint {meta['fingerprint']}) on {args.data_root} [{ann.layout}], "
           f"{args.split} split: {len(split.captions)} captions x {len(split.images)} images")
     print(format_table({args.split: metrics}))
+    data = ann.report(split.problems(ann.annotation_file.name), splits=(args.split,))
+    print(f"data: {data['summary']}" + (f"\n{data['text']}" if data["problems"] else ""))
     if args.out:
         Path(args.out).write_text(json.dumps({"checkpoint": str(ckpt), "fingerprint": meta["fingerprint"],
                                               "data_root": str(args.data_root), "split": args.split,
-                                              "metrics": metrics}, indent=2))
+                                              "metrics": metrics, "data": data}, indent=2))
     return 0

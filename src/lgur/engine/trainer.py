@@ -144,6 +144,7 @@ class Trainer:
     best: dict = field(default_factory=lambda: {"epoch": None, "score": float("-inf"), "metrics": None})
     history: list = field(default_factory=list)
     augment_state: torch.Tensor | None = None  # DeviceAugment generator state of a mid-epoch resume
+    annotations: object = None      # the dataset's Annotations (its report goes into results.json)
 
     @property
     def core(self) -> torch.nn.Module:
@@ -220,7 +221,8 @@ class Trainer:
                 "scaler": s.scaler.state_dict(),
                 "criterion": s.criterion.state_dict(), "rng": capture_rng(),
                 "augment": augment.generator(self.env.device).get_state() if augment is not None else None,
-                "best": self.best, "history": self.history}
+                "best": self.best, "history": self.history,
+                "decode_failures": {k: v.clone() for k, v in self.loaders.failure_counts().items()}}
 
     def load(self, state: dict) -> None:
         s = self.step_fn
@@ -232,6 +234,8 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["step"]
         self.best, self.history = state["best"], state["history"]
         restore_rng(state["rng"])
+        if self.env.rank == 0:  # the counts of the interrupted session (rank 0 holds every rank's, see end_epoch)
+            self.loaders.add_failure_counts(state.get("decode_failures") or {})
         if self.env.rank > 0:  # only rank 0's streams were saved: give the others their own again
             torch.manual_seed(hash((self.cfg.seed, self.env.rank, self.global_step)) & (2**63 - 1))
         if self.loaders.augment is not None and self.step_in_epoch and self.env.rank == 0:
@@ -241,9 +245,23 @@ class Trainer:
         if self.env.main:
             save_checkpoint(self.run_dir, tag, self.core, self.cfg, self.num_classes, self.state())
 
+    def collect_failure_counts(self) -> None:
+        """DDP: sum every rank's training decode-failure counts into rank 0's (the others restart at 0),
+        so rank 0's report and checkpoints cover all ranks. Collective: every rank calls it."""
+        if not self.env.distributed:
+            return
+        counts = self.loaders.failure_counts()["train"]
+        total = counts.to(self.env.device, torch.int64)
+        torch.distributed.reduce(total, dst=0)
+        if self.env.rank == 0:
+            counts.copy_(total.cpu())
+        else:
+            counts.zero_()
+
     def end_epoch(self, train_terms: dict[str, float]) -> None:
         """Schedule step, evaluation + selection (rank 0), CSV/TensorBoard row, checkpoints."""
         ec, epoch = self.cfg.eval, self.epoch
+        self.collect_failure_counts()
         lrs = {f"lr/{g['name']}": g["lr"] for g in self.step_fn.optimizer.param_groups}
         self.scheduler.step()
         self.epoch, self.step_in_epoch = epoch + 1, 0
@@ -284,16 +302,32 @@ class Trainer:
             test = self.evaluate(self.loaders.test)
         else:
             test = self.best["metrics"]
+        data = data_report(self.annotations, self.loaders)
         results = {"selected_on": split, "selection_metric": " ".join(SELECT_METRIC), "best_epoch": self.best["epoch"],
                    "epochs": self.cfg.optim.epochs, "val": self.best["metrics"] if split == "val" else None,
-                   "test": test, "checkpoint": str(self.run_dir / "best.safetensors"), "run_dir": str(self.run_dir)}
+                   "test": test, "checkpoint": str(self.run_dir / "best.safetensors"), "run_dir": str(self.run_dir),
+                   "data": data}
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         rows = {"val": results["val"], "test": test} if split == "val" else {"test": test}
         log.info("best epoch %d of %d, selected on %s by t2i R@1 (%s):\n%s", results["best_epoch"],
                  results["epochs"], split, "the official protocol" if split == "test" else "test never seen",
                  format_table(rows))
+        log_data_report(data, "data used by this run")
         self.monitor.plot()
         return results
+
+
+def data_report(ann, loaders) -> dict:
+    """The annotations' report plus what the loaders skipped, substituted or truncated so far."""
+    return ann.report(loaders.problems(ann.annotation_file.name), getattr(loaders.train_set, "left_out", []))
+
+
+def log_data_report(report: dict, title: str) -> None:
+    """The summary line, then every skipped, substituted or excluded record by name (others: examples)."""
+    log.info("%s: %s", title, report["summary"])
+    if report["problems"]:
+        log.warning("data problems (%s):\n%s", ", ".join(f"{k}: {n}" for k, n in report["problem_counts"].items()),
+                    report["text"])
 
 
 def new_run_dir(cfg) -> Path:
@@ -324,6 +358,7 @@ def load_data(cfg):
     if not dc.root:
         raise ConfigError("no dataset: pass --data-root DIR (or data.root=DIR)")
     ann = load_annotations(dc.root, dc.skip_train_ids, dc.max_bad_fraction)
+    ann.raise_if_duplicates(bool(dc.allow_duplicate_images))
     check_selection(cfg, ann)
     return ann
 
@@ -359,7 +394,7 @@ def build_trainer(cfg, env: DistEnv, run_dir: Path | None, ann, resume_state: di
     step = TrainStep(model, core, build_criterion(cfg), optimizer, env.device, dtype, grad_scaler(env.device, dtype),
                      env.world if env.distributed and cfg.train.gather_embeddings else 1, cfg.optim.grad_clip)
     trainer = Trainer(cfg, env, run_dir, step, build_scheduler(optimizer, cfg.optim), loaders, Monitor(None),
-                      ann.num_train_ids)
+                      ann.num_train_ids, annotations=ann)
     if resume_state is not None:
         with _resume_errors(resume_weights):
             trainer.load(resume_state)
@@ -370,9 +405,7 @@ def build_trainer(cfg, env: DistEnv, run_dir: Path | None, ann, resume_state: di
                  "%d steps/epoch", cfg.model.image_backbone, cfg.model.text_backbone,
                  sum(p.numel() for p in core.parameters()) / 1e6, n_train / 1e6, dtype or "off", env.world,
                  loaders.train.batch_size, trainer.steps_per_epoch())
-        report = loaders.report()
-        if report:
-            log.warning("data: %s", report)
+        log_data_report(data_report(ann, loaders), "data")
     return trainer
 
 
