@@ -180,20 +180,22 @@ class _ImageDataset(Dataset):
             row = self.cache_rows[i]
             if self.cache.ok[row]:
                 return self.cache.images[row]
-            self.failed[i] += 1
+            if i < len(self.failed):
+                self.failed[i] += 1
             return None
         try:
             return self.transform(load_rgb(self.paths[i]))
         except DECODE_ERRORS as e:
             self.failures += 1
-            self.failed[i] += 1
+            if i < len(self.failed):  # a caller may narrow `paths` after construction (search's incremental build)
+                self.failed[i] += 1
             log.warning("cannot decode %s (%s: %s)", self.paths[i], type(e).__name__, e)
             return None
 
     def failure_problems(self, file: str, split: str, action: str, effect: str) -> list[Problem]:
         """One Problem per image that failed to decode so far: record, path, reason, how often."""
         out = []
-        for i in torch.nonzero(self.failed).flatten().tolist():
+        for i in torch.nonzero(self.failed[:len(self.paths)]).flatten().tolist():
             path, n = self.paths[i], int(self.failed[i])
             if self.cache is not None:
                 reason = "undecodable when the image cache was built"
