@@ -9,8 +9,9 @@ process on a free loopback port: first `--batch-max 1` (micro-batching disabled:
 query alone, as before), then --batch-max (default search.serve_batch_max) with search.serve_batch_window_ms.
 Each gets --warmup requests, then --requests POST /api/search (k=10, synthetic captions of varied length)
 from --clients concurrent keep-alive clients (asyncio + httpx), every response checked (200, k hits).
-Printed per setting: requests/s, p50/p99/max latency, and the load average before and after (the machine may
-be shared with other jobs: compare the two rows of one run, not figures from different runs).
+Printed per setting: requests/s, p50/p99/max latency, the mean size of the server's last 100 batches, and
+the load average before and after (the machine may be shared with other jobs: compare the two rows of one
+run, not figures from different runs).
 """
 from __future__ import annotations
 
@@ -122,6 +123,7 @@ def run(label: str, index: Path, checkpoint: Path | None, batch_max: int | None,
         before = load()
         wall, lat = asyncio.run(hammer(url, texts, args.requests, args.clients, args.k))
         after = load()
+        mean_batch = httpx.get(url + "/api/info", timeout=30).json().get("batch_recent_mean") or 1
     finally:
         proc.terminate()
         try:
@@ -131,8 +133,8 @@ def run(label: str, index: Path, checkpoint: Path | None, batch_max: int | None,
             proc.wait()
     q = statistics.quantiles(lat, n=100, method="inclusive")
     rps = len(lat) / wall
-    print(f"| {label:<22} | {rps:8.1f} | {q[49] * 1e3:8.0f} | {q[98] * 1e3:8.0f} | {max(lat) * 1e3:8.0f} | "
-          f"{before} -> {after}", flush=True)
+    print(f"| {label:<24} | {rps:8.1f} | {q[49] * 1e3:8.0f} | {q[98] * 1e3:8.0f} | {max(lat) * 1e3:8.0f} | "
+          f"{mean_batch:10.1f} | {before} -> {after}", flush=True)
     return rps
 
 
@@ -159,8 +161,8 @@ def main() -> None:
         what = args.index or f"random-init {args.recipe}, 96-image synthetic gallery"
         print(f"lgur serve, {what}: {args.requests} requests (k={args.k}) from {args.clients} clients, "
               f"{os.cpu_count()} CPUs")
-        print("| setting                | req/s    | p50 ms   | p99 ms   | max ms   | load")
-        print("|------------------------|----------|----------|----------|----------|-----")
+        print("| setting                  | req/s    | p50 ms   | p99 ms   | max ms   | mean batch | load")
+        print("|--------------------------|----------|----------|----------|----------|------------|-----")
         base = run("batching off (max 1)", index, checkpoint, 1, texts, args)
         new = run(f"micro-batching (max {after})", index, checkpoint, after, texts, args)
         print(f"throughput ratio (batching / off): {new / base:.2f}x")

@@ -463,3 +463,25 @@ def test_batcher_is_bounded_and_passes_errors_to_each_request(searcher):
     [err] = asyncio.run(bad())
     assert isinstance(err, SearchError)
     assert len(asyncio.run(asyncio.wait_for(batcher.search("a man", 2), 30)).hits) == 2
+
+
+def test_batcher_groups_queries_by_their_search_options():
+    """Queries with different extra options (e.g. a filter) are never mixed in one Searcher.search call."""
+    calls = []
+
+    class Recorder:
+        def search(self, texts, ks, **options):
+            calls.append((list(texts), list(ks), options))
+            return [f"{t}|{k}|{options.get('where')}" for t, k in zip(texts, ks)]
+
+    batcher = QueryBatcher(Recorder(), max_batch=8, window_s=0.05, max_pending=100)
+
+    async def mixed():
+        return await asyncio.gather(batcher.search("a", 1), batcher.search("b", 2, where="cam=1"),
+                                    batcher.search("c", 3), batcher.search("d", 4, where="cam=1"),
+                                    batcher.search("e", 5, where="cam=2"))
+
+    assert asyncio.run(mixed()) == ["a|1|None", "b|2|cam=1", "c|3|None", "d|4|cam=1", "e|5|cam=2"]
+    assert sorted(calls, key=str) == sorted([(["a", "c"], [1, 3], {}), (["b", "d"], [2, 4], {"where": "cam=1"}),
+                                             (["e"], [5], {"where": "cam=2"})], key=str)
+    assert batcher.batches == [5]

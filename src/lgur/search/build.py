@@ -54,7 +54,8 @@ def _all_ok(ok: bool, env) -> bool:
 
 
 def build(checkpoint, images, out, dtype="fp16", batch_size=64, num_workers=2, device=None, ann=None, pca=None,
-          search_cfg=None, progress=True, metadata=None, follow_symlinks=False) -> tuple[GalleryIndex | None, BuildReport]:
+          search_cfg=None, progress=True, metadata=None,
+          follow_symlinks=False) -> tuple[GalleryIndex | None, BuildReport]:
     """See lgur.search.index.build_index. Under torchrun every rank calls this; rank 0 returns the index,
     the others (None, their report)."""
     from lgur.engine.distributed import init_distributed, teardown
@@ -204,8 +205,8 @@ def _merge(writer, old, rel, reuse, dataset, data, world, dtype, fingerprint, ch
     manifest = {"fingerprint": fingerprint, "checkpoint": str(checkpoint), "images_root": str(root), "dtype": dtype,
                 "dim": int(dim), "model": {"name": cfg.model.name, "image_backbone": cfg.model.image_backbone,
                                            "text_backbone": cfg.model.text_backbone},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped": report.outside + report.skipped, "pca": None,
-                "ann": None, "processes": world}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped": report.outside + report.skipped,
+                "pca": None, "ann": None, "processes": world}
     store = _written_store(writer, dim, dtype)
     report.notes += attach_reduction(store, manifest, writer, pca_dim or None,
                                      None if ann_kind in (None, "none") else ann_kind, scfg)

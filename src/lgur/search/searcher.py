@@ -82,7 +82,8 @@ def length_buckets(lengths: Sequence[int], max_batch: int, max_padding: float = 
     real = 0
     for i in order:
         b = buckets[-1] if buckets else None
-        if b is not None and len(b) < max_batch and lengths[i] * (len(b) + 1) <= (1 + max_padding) * (real + lengths[i]):
+        padded = lengths[i] * (len(b) + 1) if b is not None else 0  # lengths[i] is the longest so far
+        if b is not None and len(b) < max_batch and padded <= (1 + max_padding) * (real + lengths[i]):
             b.append(i)
             real += lengths[i]
         else:

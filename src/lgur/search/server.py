@@ -130,8 +130,8 @@ def parse_body(body: bytes, model: type[BaseModel]) -> BaseModel:
     unknown = [key for key in data if key not in model.model_fields]
     if unknown:  # named here, not by pydantic, which would build one error per key (200k keys: seconds)
         shown = ", ".join(repr(key[:40]) for key in unknown[:5])
-        raise RequestError(422, f"unknown field(s) {shown}" + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-                           + f"; expected {', '.join(model.model_fields)}")
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise RequestError(422, f"unknown field(s) {shown}{more}; expected {', '.join(model.model_fields)}")
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -171,11 +171,13 @@ def query_model(max_query_chars: int, max_k: int) -> type[BaseModel]:
 class QueryBatcher:
     """Encodes concurrent queries together (one Searcher.search over a batch, in a worker thread).
 
-    `search(text, k)` queues the query and awaits its result. One worker per event loop drains the queue: it
-    takes the first waiting query, then more until `max_batch` or until `window_s` has passed since the
-    first, searches them together and resolves each request's future; it exits when the queue is empty (the
-    next request starts it again), so no task outlives the traffic. More than `max_pending` waiting queries:
-    503. Results equal one-at-a-time search: Searcher.search scans each distinct k separately.
+    `search(text, k, **options)` queues the query and awaits its result. One worker per event loop drains the
+    queue: it takes the first waiting query, then more until `max_batch` or until `window_s` has passed since
+    the first, searches them together and resolves each request's future; it exits when the queue is empty
+    (the next request starts it again), so no task outlives the traffic. More than `max_pending` waiting
+    queries: 503. Results equal one-at-a-time search: Searcher.search scans each distinct k separately, and
+    queries with different `options` (further Searcher.search keyword arguments, e.g. a filter) go to
+    separate calls.
     """
 
     def __init__(self, searcher: Searcher, max_batch: int, window_s: float, max_pending: int):
@@ -184,14 +186,18 @@ class QueryBatcher:
         self._loop = self._queue = self._task = None
         self.batches: list[int] = []  # sizes of the last batches run (diagnostics, /api/info)
 
-    async def search(self, text: str, k: int) -> QueryResult:
+    @property
+    def recent_mean(self) -> float | None:
+        return round(sum(self.batches) / len(self.batches), 2) if self.batches else None
+
+    async def search(self, text: str, k: int, **options) -> QueryResult:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # first use on this loop (a test client may run one loop per request)
             self._loop, self._queue, self._task = loop, asyncio.Queue(), None
         if self._queue.qsize() >= self.max_pending:
             raise RequestError(503, f"server busy: {self._queue.qsize()} queries waiting; retry shortly")
         fut = loop.create_future()
-        self._queue.put_nowait((text, k, fut))
+        self._queue.put_nowait((text, k, options, fut))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._work(self._queue))
         return await fut
@@ -212,20 +218,26 @@ class QueryBatcher:
                     batch.append(await asyncio.wait_for(queue.get(), left))
                 except asyncio.TimeoutError:
                     break
-            batch = [b for b in batch if not b[2].done()]  # a cancelled request needs no answer
-            if not batch:
-                continue
-            self.batches = (self.batches + [len(batch)])[-100:]
-            try:
-                results = await run_in_threadpool(self.searcher.search, [b[0] for b in batch], [b[1] for b in batch])
-            except Exception as e:  # noqa: BLE001 -- every waiting request gets the error, the worker goes on
-                for *_, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            for (*_, fut), result in zip(batch, results):
+            batch = [b for b in batch if not b[3].done()]  # a cancelled request needs no answer
+            if batch:
+                self.batches = (self.batches + [len(batch)])[-100:]
+            while batch:  # one search per distinct options (usually all equal: one call)
+                same = [b for b in batch if b[2] == batch[0][2]]
+                batch = [b for b in batch if b[2] != same[0][2]]
+                await self._run_one(same)
+
+    async def _run_one(self, batch: list) -> None:
+        try:
+            results = await run_in_threadpool(self.searcher.search, [b[0] for b in batch], [b[1] for b in batch],
+                                              **batch[0][2])
+        except Exception as e:  # noqa: BLE001 -- every waiting request gets the error, the worker goes on
+            for *_, fut in batch:
                 if not fut.done():
-                    fut.set_result(result)
+                    fut.set_exception(e)
+            return
+        for (*_, fut), result in zip(batch, results):
+            if not fut.done():
+                fut.set_result(result)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -278,7 +290,8 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
         m = searcher.index.manifest
         return {"images": len(searcher), "model": m["model"], "fingerprint": m["fingerprint"],
                 "engine": type(searcher.engine).__name__, "max_k": max_k, "max_query_chars": max_query_chars,
-                "max_body_bytes": max_body_bytes, "batch_max": batch_max}
+                "max_body_bytes": max_body_bytes, "batch_max": batch_max,
+                "batch_recent_mean": batcher.recent_mean if batcher is not None else None}
 
     @app.post("/api/search")
     async def search(request: Request) -> dict:
