@@ -214,6 +214,7 @@ def test_image_cache_marks_bad_images_and_train_pairs_drop_them(tmp_path, tokeni
     assert torch.equal(cache.images[0], ref)
     ds = TrainPairs(recs, tokenizer, 16, cache=cache)
     assert len(ds) == 6 and ds[5]["image"].dtype == torch.uint8
+    assert [r.index for r in ds.left_out] == [3]  # named, for the run's data report
 
 
 def test_build_loaders(synth, tokenizer):

@@ -300,6 +300,9 @@ def test_report_counts_what_went_in_and_what_is_used(tmp_path):
     assert {("bad_field", "skipped", 5), ("missing_image", "skipped", 7), ("empty_caption", "fixed", 2),
             ("skip_train_ids", "excluded", 0), ("skip_train_ids", "excluded", 1)} <= named
     assert all(p["file"] == "reid_raw.json" for p in r["problems"])
+    left = ann.report(left_out=[ann.train[0]], splits=("train",))  # a loader could not use one record
+    assert left["used"] == {"records": 3, "images": 3, "captions": 6,  # train[0] is record #2 (1 caption)
+                            "splits": {"train": {"records": 3, "images": 3, "captions": 6}}}
     line = ann.summary()
     assert "12 records, 12 images, 24 captions in; used 8 records, 8 images, 15 captions" in line
     assert "2 records skipped, 0 substituted, 2 excluded on request" in line
