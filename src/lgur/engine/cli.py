@@ -19,7 +19,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out-dir", help="where run folders are created (sets output_dir)")
     t.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR|latest",
                    help="continue a run from its `last` checkpoint (default: the latest run under the output dir); "
-                        "its config.yaml is used, overrides still apply")
+                        "its config.yaml is used, overrides still apply (and are saved to it once the checkpoint has "
+                        "loaded; a refused resume leaves the run folder as it was)")
     t.add_argument("--nproc", type=int, help="train on N processes (one per GPU) by re-launching under torchrun")
     t.set_defaults(func=run_train)
 
