@@ -226,6 +226,16 @@ def test_failed_resume_leaves_the_run_folder_as_it_was(tiny_run, tmp_path, capsy
     assert "not an lgur training state" in capsys.readouterr().err
 
     state.write_bytes(good)
+    weights = run / "last.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) - 1000])  # header intact (same fingerprint), tensors cut short
+    before = _folder_bytes(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "last.safetensors" in err and "Traceback" not in err
+    assert _folder_bytes(run) == before
+    weights.write_bytes(whole)
+
     assert main(["train", "--resume", str(run), "optim.epochs=3", "train.max_steps_per_epoch=1"]) == 0
     assert load_config(run / "config.yaml").optim.epochs == 3  # a successful resume keeps its overrides
     log = (run / "train.log").read_text()
