@@ -271,6 +271,7 @@ def test_duplicate_image_and_leakage_between_splits_are_found(tmp_path):
     recs[9]["file_path"] = "CUHK01/link.png"                  # val record #9 = val record #8's image, by symlink
     (root / "reid_raw.json").write_text(json.dumps(recs))
     ann = load_annotations(root)
+    assert ann.counts()["train"]["images"] == 7  # 8 records, 7 distinct images
     found = {(p.kind, p.index): p.message for p in ann.duplicates()}
     assert set(found) == {("duplicate_image", 1), ("image_in_two_splits", 11), ("duplicate_image", 9)}
     assert "record #0" in found[("duplicate_image", 1)] and "imgs/CUHK01/0003_0.png" in found[("duplicate_image", 1)]

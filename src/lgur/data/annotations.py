@@ -152,7 +152,7 @@ class Annotations:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
     def counts(self) -> dict[str, dict[str, int]]:
-        return {s: {"images": len(rs), "captions": sum(len(r.captions) for r in rs),
+        return {s: {"images": len({r.image_path for r in rs}), "captions": sum(len(r.captions) for r in rs),
                     "ids": len({r.person_id for r in rs})} for s in SPLITS for rs in [self.split(s)]}
 
     def bad_fraction(self) -> float:
