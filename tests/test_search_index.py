@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -491,3 +492,80 @@ def test_metadata_from_pattern_sidecar_and_producer(tmp_path, tiny_checkpoint, s
         read_sidecar(bad)
     with pytest.raises(SearchError, match="not a time"):
         parse_time("yesterday")
+
+
+def test_filters_search_only_matching_rows(tmp_path, tiny_checkpoint, synth_root, capsys):
+    """--where/--after/--before: hits are the exact top-k of the matching rows (brute force over the
+    filtered subset), not a post-filtered top-k."""
+    from lgur.checkpoint import load_model
+    from lgur.search.filters import Filter, filter_from_request
+    from lgur.search.index import parse_time
+
+    base = parse_time("2026-11-28T14:00:00")
+    out = tmp_path / "f.lgidx"
+    paths = [p.relative_to(synth_root / "imgs").as_posix() for p in synth_images(synth_root)]
+    meta = {p: {"camera": i % 4, "time": base + 60 * i, "video": f"v{i % 2}.mp4"} for i, p in enumerate(paths)}
+    index, _ = build_index(tiny_checkpoint, synth_root / "imgs", out, num_workers=0, progress=False, metadata=meta)
+    model = load_model(tiny_checkpoint)[0]
+    query = "a man in a black jacket"
+    q = model.encode_captions([query])[0]
+    scores = index.embeddings.float() @ q
+    cam = index.files.columns["camera"]
+    t = index.files.columns["time"]
+
+    def brute(mask, k=5):
+        allowed = torch.from_numpy(np.flatnonzero(mask))
+        return allowed[scores[allowed].argsort(descending=True)[:k]].tolist()
+
+    searcher = Searcher(out)
+    cases = [(["camera=3"], None, None, cam == 3),
+             (["camera=1,2", "video=v0.mp4"], None, None, np.isin(cam, [1, 2]) & (index.files.columns["video"] == b"v0.mp4")),
+             ([], "2026-11-28T14:30:00", "2026-11-28 15:00:00+00:00", (t >= base + 1800) & (t < base + 3600)),
+             (["camera!=0"], int(base) + 600, None, (cam != 0) & (t >= base + 600))]
+    for where, after, before, mask in cases:
+        [res] = searcher.search([query], k=5, where=where, after=after, before=before)
+        assert [h.id for h in res.hits] == brute(mask), (where, after, before)
+        assert all(mask[h.id] for h in res.hits) and res.hits[0].meta["camera"] == int(cam[res.hits[0].id])
+    # fewer matches than k: only those
+    one = np.flatnonzero(t == t[7])
+    [res] = searcher.search([query], k=5, after=float(t[7]), before=float(t[7]) + 1)
+    assert [h.id for h in res.hits] == one.tolist()
+    # the CLI prints the filter and the rows' metadata
+    code, stdout, _ = run_cli(capsys, "search", "--index", out, query, "-k", "3", "--where", "camera=2")
+    assert code == 0 and f"filter: camera=2: {int((cam == 2).sum())} of {len(index)} images" in stdout
+    assert stdout.count("camera=2") == 4
+    # readable errors
+    for args, message in [(["--where", "floor=3"], "no column 'floor'"), (["--where", "camera=x"], "holds integers"),
+                          (["--where", "video>a"], "supports = and != only"), (["--after", "noon"], "not a time"),
+                          (["--where", "camera"], "expected COLUMN=VALUE")]:
+        code, _, err = run_cli(capsys, "search", "--index", out, query, *args)
+        assert code == 2 and message in err, (args, err)
+    assert filter_from_request({"where": ["camera=3"], "after": 5}) == Filter.parse(["camera=3"], 5)
+    for body in ({"where": {"camera": 3}}, {"after": [1]}, {"where": ["a=1"] * 17}, {"before": True}):
+        with pytest.raises(SearchError):
+            filter_from_request(body)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("faiss") is None, reason="faiss not installed")
+@pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
+def test_faiss_filter_is_applied_inside_the_search(kind):
+    """The ID selector restricts faiss itself: every candidate is allowed, and with the filter the
+    re-ranked top-10 matches the exact top-10 of the allowed rows (no over-fetch-and-drop)."""
+    from lgur.search.ann import FaissSearch, TwoStageSearch, build_faiss, recall_at, recall_queries, synthetic_embeddings
+    from lgur.search.topk import ExactSearch
+
+    store = synthetic_embeddings(20000, 64, rank=16, seed=5)
+    queries = recall_queries(store, 50, seed=6)
+    index, param = build_faiss(store, kind)
+    first = FaissSearch(index, param, 16 if kind == "ivfpq" else 64)
+    subset = np.sort(np.random.default_rng(0).choice(len(store), 200, replace=False))  # 1 % of the rows
+    engine = TwoStageSearch(first, store, None, 10)
+    _, ids = engine.search(queries, 10, subset=subset)
+    assert np.isin(ids.numpy(), subset).all()
+    _, cand = first.search(queries, 100, subset=subset)
+    assert np.isin(cand.numpy()[cand.numpy() >= 0], subset).all()
+    if kind == "ivfpq":  # the probe count grew with the filter: the lists probed hold enough allowed rows
+        assert (cand >= 0).sum() >= 50 * 50
+    truth = ExactSearch(store).search(queries, 10, subset=subset)[1]
+    assert recall_at(ids, truth) >= 0.9
+    assert truth.numpy().tolist() == ExactSearch(store[subset]).search(queries, 10)[1].apply_(lambda i: int(subset[i])).tolist()

@@ -17,6 +17,7 @@ If any rank dies, torchrun stops the others and nothing is committed: the previo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -62,10 +63,17 @@ def build(checkpoint, images, out, dtype="fp16", batch_size=64, num_workers=2, d
 
     env = init_distributed(device or "auto")
     try:
-        return _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pca, search_cfg,
-                      progress, metadata, follow_symlinks)
-    finally:
-        teardown(env)
+        result = _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pca, search_cfg,
+                        progress, metadata, follow_symlinks)
+    except BaseException:
+        if env.distributed:  # a peer may be gone: no barrier, just leave the group
+            import torch.distributed as dist
+
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+        raise
+    teardown(env)
+    return result
 
 
 def _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pca, search_cfg, progress, metadata,
@@ -90,29 +98,20 @@ def _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pc
     rel = [p.relative_to(root).as_posix() for p in dataset.paths]
 
     writer = old = None
-    plan = None
+    plan, failure, reuse = None, None, {}
     if env.main:
-        old, report.reencode_reason = _previous(out, fingerprint, root, dtype)
-        stats = [_stat(p) for p in dataset.paths]
-        old_rows = {p: i for i, p in enumerate(old.files.paths())} if old is not None else {}
-        reuse: dict[int, int] = {}  # dataset position -> old row
-        todo: list[int] = []
-        sizes = old.files.columns["size"] if old is not None else None
-        mtimes = old.files.columns["mtime_ns"] if old is not None else None
-        for pos, (r, (size, mtime)) in enumerate(zip(rel, stats)):
-            row = old_rows.get(r)
-            if row is not None and int(sizes[row]) == size and int(mtimes[row]) == mtime:
-                reuse[pos] = row
-            else:
-                report.changed += row is not None
-                todo.append(pos)
-        present = set(rel)
-        report.removed = sum(p not in present for p in old_rows)
-        report.kept = len(reuse)
-        writer = IndexWriter(out).__enter__()
-        plan = {"rel": rel, "todo": todo, "data": str(writer.data)}
+        try:
+            old, reuse, todo = _plan(out, fingerprint, root, dtype, dataset, rel, report)
+            writer = IndexWriter(out).__enter__()
+            plan = {"rel": rel, "todo": todo, "data": str(writer.data)}
+        except Exception as e:  # tell the other ranks, which wait for the plan
+            failure, plan = e, {"error": f"{type(e).__name__}: {e}"}
+    plan = _broadcast(plan, env)
+    if "error" in plan:
+        if failure is not None:
+            raise failure
+        raise SearchError(f"rank 0 could not plan the run: {plan['error']}")
     try:
-        plan = _broadcast(plan, env)
         if plan["rel"] != rel:  # every rank must encode the same files rank 0 planned
             dataset.paths = [root / r for r in plan["rel"]]
             rel = plan["rel"]
@@ -143,6 +142,29 @@ def _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pc
     finally:
         if writer is not None:
             writer.__exit__(None, None, None)
+
+
+def _plan(out, fingerprint, root, dtype, dataset, rel, report):
+    """Rank 0: the reusable current index, {dataset position: its row} for unchanged files, and the
+    positions to encode (new or changed files)."""
+    old, report.reencode_reason = _previous(out, fingerprint, root, dtype)
+    stats = [_stat(p) for p in dataset.paths]
+    old_rows = {p: i for i, p in enumerate(old.files.paths())} if old is not None else {}
+    reuse: dict[int, int] = {}
+    todo: list[int] = []
+    sizes = old.files.columns["size"] if old is not None else None
+    mtimes = old.files.columns["mtime_ns"] if old is not None else None
+    for pos, (r, (size, mtime)) in enumerate(zip(rel, stats)):
+        row = old_rows.get(r)
+        if row is not None and int(sizes[row]) == size and int(mtimes[row]) == mtime:
+            reuse[pos] = row
+        else:
+            report.changed += row is not None
+            todo.append(pos)
+    present = set(rel)
+    report.removed = sum(p not in present for p in old_rows)
+    report.kept = len(reuse)
+    return old, reuse, todo
 
 
 def _merge(writer, old, rel, reuse, dataset, data, world, dtype, fingerprint, checkpoint, root, cfg, report, ann,

@@ -46,6 +46,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--mode", choices=["auto", "exact", "ann"], default="auto",
                    help="auto: ANN for galleries >= search.ann_threshold, PCA scan if built, else exact")
     s.add_argument("--device", help="cpu | cuda (default: cuda if available)")
+    s.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="search only rows whose metadata matches (repeatable, ANDed): camera=3, camera=1,2, "
+                        "video!=a.mp4, score>=0.5")
+    s.add_argument("--after", help="only rows with time >= this (Unix seconds or ISO 8601, UTC unless a zone is given)")
+    s.add_argument("--before", help="only rows with time < this")
     s.set_defaults(func=search_cmd)
 
     v = sub.add_parser("serve", help="web page + JSON API for person search over an index",
@@ -130,13 +135,20 @@ def read_queries(args: argparse.Namespace) -> list[str]:
 def search_cmd(args: argparse.Namespace) -> int:
     from lgur.search.searcher import Searcher
 
+    from lgur.search.filters import Filter
+
     queries = read_queries(args)
+    flt = Filter.parse(args.where, args.after, args.before)
     searcher = Searcher(args.index, args.checkpoint, device=args.device, mode=args.mode)
-    results = searcher.search(queries, k=args.k)
+    if flt:
+        subset = searcher.select(flt)
+        print(f"filter: {flt.describe()}: {len(subset)} of {len(searcher)} images")
+    results = searcher.search(queries, k=args.k, where=flt)
     for r in results:
         print(f"query: {r.query}")
         for h in r.hits:
-            print(f"{h.rank:>4}  {h.score:.4f}  {h.path}")
+            meta = "  " + " ".join(f"{k}={v}" for k, v in h.meta.items() if v not in (None, "")) if h.meta else ""
+            print(f"{h.rank:>4}  {h.score:.4f}  {h.path}{meta}")
     if args.html or args.png:
         from lgur.search.sheet import write_html, write_png
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Sequence
 
+import numpy as np
 import torch
 
-from lgur.search.index import GalleryIndex, SearchError
+from lgur.search.index import BASE_COLUMNS, GalleryIndex, SearchError
 from lgur.search.topk import torch_threads
 
 SEARCH_MODES = ("auto", "exact", "ann")
@@ -33,10 +34,14 @@ class Hit:
     path: str          # relative to the index's images root
     file: Path         # absolute path
     correct: bool | None = None  # None: ground truth unknown
+    meta: dict = field(default_factory=dict)  # the row's metadata columns (camera, time, video, ...), if any
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "path": self.path,
-                "correct": self.correct}
+        out = {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "path": self.path,
+               "correct": self.correct}
+        if self.meta:
+            out["meta"] = self.meta
+        return out
 
 
 @dataclass
@@ -118,6 +123,9 @@ class Searcher:
                               f"`lgur index`)")
         self.checkpoint = checkpoint
         self.engine = make_engine(self.index, mode, self.cfg, self.device)
+        self._has_meta = bool(self.index.files.metadata_columns)
+        self._subsets: dict = {}
+        self._cache_lock = threading.Lock()
         self._lock = threading.Lock()  # the server calls from worker threads; one model forward at a time
 
     def __len__(self) -> int:
@@ -138,12 +146,33 @@ class Searcher:
                 out[i] = e
         return torch.stack(out)
 
-    def search(self, texts: Sequence[str] | str, k: int | Sequence[int] = 10,
-               relevant: Relevant = None) -> list[QueryResult]:
+    def select(self, where=None, after=None, before=None) -> np.ndarray | None:
+        """Row ids passing a metadata filter (see lgur.search.filters), cached for the last few filters;
+        None = every row."""
+        from lgur.search.filters import Filter
+
+        flt = where if isinstance(where, Filter) else Filter.parse(where, after, before)
+        if not flt:
+            return None
+        with self._cache_lock:
+            ids = self._subsets.get(flt)
+        if ids is None:
+            ids = flt.select(self.index.files)
+            with self._cache_lock:
+                self._subsets[flt] = ids
+                while len(self._subsets) > 8:
+                    self._subsets.pop(next(iter(self._subsets)))
+        return ids
+
+    def search(self, texts: Sequence[str] | str, k: int | Sequence[int] = 10, relevant: Relevant = None,
+               where=None, after=None, before=None) -> list[QueryResult]:
         """Top-k gallery images per text, best first. `k` is one number or one per text (the texts are encoded
         together either way; `lgur serve` batches concurrent requests this way). `relevant` (optional ground
         truth) marks each hit's `correct`: either one collection of correct relative paths per query, or a
-        predicate relevant(query_index, query_text, relative_path) -> bool."""
+        predicate relevant(query_index, query_text, relative_path) -> bool.
+        where/after/before: a metadata filter for every text (["camera=3"], times as Unix seconds or ISO 8601;
+        or a lgur.search.filters.Filter as `where`): only matching rows are searched, inside the engine, so a
+        result may have fewer than k hits."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return []
@@ -157,12 +186,14 @@ class Searcher:
         if relevant is not None and not callable(relevant) and len(relevant) != len(texts):
             raise SearchError(f"relevant: {len(relevant)} ground-truth sets for {len(texts)} queries")
         # one query = small ops (a short caption, a memory-bound scan): run them on search.single_query_threads
+        subset = self.select(where, after, before)
+        kw = {} if subset is None else {"subset": subset}
         rows: list = [None] * len(texts)
         with self._lock, torch_threads(int(self.cfg.single_query_threads) if len(texts) == 1 else 0):
             emb = self.encode(texts)
             for kk in sorted(set(ks)):  # one scan per distinct k, so each query ranks exactly as if alone
                 group = [i for i, x in enumerate(ks) if x == kk]
-                scores, ids = self.engine.search(emb if len(group) == len(texts) else emb[group], kk)
+                scores, ids = self.engine.search(emb if len(group) == len(texts) else emb[group], kk, **kw)
                 for i, s_row, i_row in zip(group, scores.tolist(), ids.tolist()):
                     rows[i] = (s_row, i_row)
         results = []
@@ -175,6 +206,7 @@ class Searcher:
                 correct = None
                 if relevant is not None:
                     correct = bool(relevant(qi, text, path)) if callable(relevant) else path in relevant[qi]
-                hits.append(Hit(len(hits) + 1, float(score), i, path, self.index.file(i), correct))
+                meta = {c: v for c, v in self.index.files[i].items() if c not in BASE_COLUMNS} if self._has_meta else {}
+                hits.append(Hit(len(hits) + 1, float(score), i, path, self.index.file(i), correct, meta))
             results.append(QueryResult(text, hits))
         return results

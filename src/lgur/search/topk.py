@@ -178,9 +178,19 @@ class ExactSearch:
         for r0 in range(0, work.shape[0], self.chunk_rows):
             yield r0, work[r0:r0 + self.chunk_rows]
 
+    def _subset_blocks(self, subset: np.ndarray, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        store = Shards.of(self.store)
+        for i in range(0, len(subset), self.chunk_rows):
+            ids = torch.from_numpy(subset[i:i + self.chunk_rows])
+            yield ids, store.take(ids).to(dtype)
+
     @torch.no_grad()
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q, D) queries -> scores (Q, k) fp32 and gallery ids (Q, k) long, best first (k capped at N)."""
+    def search(self, queries: torch.Tensor, k: int, subset: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, D) queries -> scores (Q, k) fp32 and gallery ids (Q, k) long, best first (k capped at N).
+        subset: sorted row ids (np.int64) to search among (a metadata filter); only those rows are read.
+        Fewer than k rows in the subset: the missing ids are -1 with score -inf."""
+        if subset is not None:
+            return self._search_subset(queries, k, subset)
         n = len(self)
         k = min(int(k), n)
         queries = queries.to(self.device, torch.float32)
@@ -201,3 +211,24 @@ class ExactSearch:
             out_s.append(top)
             out_i.append(ids)
         return torch.cat(out_s), torch.cat(out_i)
+
+    def _search_subset(self, queries: torch.Tensor, k: int, subset: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = queries.to(self.device, torch.float32)
+        q = queries.shape[0]
+        if len(subset) == 0:
+            return torch.full((q, k), float("-inf")), torch.full((q, k), -1, dtype=torch.long)
+        dtype = self.scan_dtype(q)
+        exact = dtype == torch.float32 and self.store.dtype == torch.float32
+        wanted = min(len(subset), k if exact else k + self.margin)
+        best = None
+        qw = queries.to(dtype)
+        for ids, block in self._subset_blocks(subset, dtype):
+            scores = qw @ block.T
+            top, pos = scores.topk(min(wanted, scores.shape[1]), dim=1)
+            best = merge_topk(best, top.float(), ids.to(pos.device)[pos], wanted)
+        top, ids = best if exact else rescore(queries, self.store, best[1], min(k, len(subset)))
+        if ids.shape[1] < k:  # pad to k
+            pad = k - ids.shape[1]
+            top = torch.cat([top, torch.full((q, pad), float("-inf"))], 1)
+            ids = torch.cat([ids, torch.full((q, pad), -1, dtype=torch.long)], 1)
+        return top, ids
