@@ -89,7 +89,7 @@ def test_deit_loader_refuses_mismatched_files(tmp_path):
 
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match=r"junk\.pth: not a readable PyTorch weights file"):
+    with pytest.raises(WeightsError, match=r"junk\.pth: not a safetensors or torch\.save file"):
         build_image_backbone(model_cfg(image_weights=str(junk)), (64, 32), pretrained=True)
     with pytest.raises(WeightsError, match="not found"):
         build_image_backbone(model_cfg(image_weights=str(tmp_path / "nope.pth")), (64, 32), pretrained=True)
@@ -97,12 +97,47 @@ def test_deit_loader_refuses_mismatched_files(tmp_path):
         build_image_backbone(model_cfg(image_backbone="vgg"), (384, 128), pretrained=False)
 
 
-def test_random_init_warns_only_when_pretrained_was_asked():
+def test_random_init_warns_only_when_nothing_supplies_the_weights():
+    x = torch.randn(1, 3, 64, 32)
+    bb = build_image_backbone(model_cfg(), (64, 32), pretrained=True)
     with pytest.warns(UserWarning, match="random init"):
-        build_image_backbone(model_cfg(), (64, 32), pretrained=True)
+        bb(x)  # nothing was loaded: the first forward warns, once
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        build_image_backbone(model_cfg(), (64, 32), pretrained=False)
+        bb(x)
+        build_image_backbone(model_cfg(), (64, 32), pretrained=False)(x)
+        # build with pretrained=True, then a checkpoint supplies the weights (through a parent module too)
+        loaded = build_image_backbone(model_cfg(), (64, 32), pretrained=True)
+        parent = torch.nn.ModuleDict({"image": loaded})
+        parent.load_state_dict({f"image.{k}": v for k, v in bb.state_dict().items()})
+        loaded(x)
+
+
+def test_build_model_then_checkpoint_does_not_warn_about_random_init(tmp_path):
+    """build_model(cfg, n) (pretrained=True by default) of a model whose BERT and DeiT have no weight
+    files, then its weights from a model file: no random-init warning; used as is: BERT and DeiT warn."""
+    from lgur.checkpoint import save_model
+    from lgur.models import build_model
+
+    cfg = load_config("lgur_tiny")
+    cfg.model.image_backbone, cfg.model.text_backbone = "deit_small", "bert_base"
+    cfg.model.dim, cfg.data.image_size = 384, [32, 16]
+    path = tmp_path / "m.safetensors"
+    fresh = build_model(cfg, 0)
+    save_model(fresh, cfg, path, 0)
+    ids, mask = torch.tensor([[101, 2023, 102]]), torch.ones(1, 3, dtype=torch.long)
+    from safetensors.torch import load_file
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = build_model(cfg, 0)
+        model.load_state_dict(load_file(str(path)))
+        with torch.no_grad():
+            model.encode_images(torch.randn(1, 3, 32, 16)), model.encode_texts(ids, mask)
+    with pytest.warns(UserWarning) as record, torch.no_grad():
+        fresh.encode_images(torch.randn(1, 3, 32, 16)), fresh.encode_texts(ids, mask)
+    messages = " ".join(str(w.message) for w in record)
+    assert "image_backbone=deit_small" in messages and "text_backbone=bert_base" in messages
 
 
 def test_clip_checkpoint_resized_and_head_ignored(tmp_path):

@@ -86,7 +86,12 @@ def test_cli_converts_official_checkpoint_faithfully(source, tmp_path, capsys):
     model, _, _, path = source
     out = tmp_path / "converted.safetensors"
     assert main(["convert-official", str(path), str(out), "--config", TINY]) == 0
-    assert "5 ID classes" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "5 ID classes" in printed
+    report = convert_official(path, tmp_path / "again.safetensors", TINY)
+    dropped = [line.strip() for line in printed.splitlines() if line.startswith("  ")]
+    assert dropped == report["ignored"] and f"dropped {len(dropped)} official tensors" in printed
+    assert {"pos_embed_image", "TextExtract.text_embed.pooler.dense.weight", "ImageExtract.model.fc.weight"} <= set(dropped)
     converted, cfg, meta = load_model(out, with_classifiers=True)
     assert meta["num_classes"] == 5 and meta["extra"]["official"] == {"epoch": 7, "test_best": 0.61}
     for key in ("dim", "embed_dim", "dict_size", "num_prototypes", "recon_head_dim", "pgu_head_dim", "pgu_ffn"):

@@ -212,15 +212,16 @@ class Annotations:
         """One line: what went in and what is used."""
         return self.report()["summary"]
 
-    def raise_if_unusable(self, max_bad_fraction: float) -> None:
-        """Refuse data that cannot train or evaluate: too many bad records, or no train/test records."""
+    def raise_if_unusable(self, max_bad_fraction: float, splits: tuple[str, ...] = ("train", "test")) -> None:
+        """Refuse data that cannot train or evaluate: too many bad records, or no records in one of
+        `splits` (training needs train and test; evaluating one split needs only that one)."""
         name = self.annotation_file.name
         if self.bad_fraction() > max_bad_fraction:
             raise DataError(
                 f"{self.annotation_file}: {self.problems.skipped_records()} of {self.total_records} records "
                 f"are unusable ({self.bad_fraction():.1%} > data.max_bad_fraction={max_bad_fraction:.1%}); "
                 f"problems: {self.problems.counts()}; run `lgur data-check {self.annotation_file.parent}`")
-        for s in ("train", "test"):
+        for s in splits:
             if not self.split(s):
                 raise DataError(f"{name}: no usable '{s}' records (problems: {self.problems.counts()})")
 

@@ -36,8 +36,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--i2t", action="store_true", help="also image -> text retrieval")
     e.add_argument("--batch-size", type=int, help="encoding batch size (default: the model's eval.batch_size)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    e.add_argument("--amp", help="auto | bf16 | fp16 | off (default: the model's train.amp, so the numbers "
-                                 "match the ones logged in training)")
+    e.add_argument("--amp", default="off",
+                   help="off | auto | bf16 | fp16 (default off: fp32, so a checkpoint gives the same numbers on "
+                        "every machine; bf16/fp16 are faster, their numbers depend on the hardware)")
     e.add_argument("--workers", type=int, default=2, help="image loader workers")
     e.add_argument("--out", help="also write the metrics to this JSON file")
     e.set_defaults(func=run_eval)
@@ -102,15 +103,12 @@ def run_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     ckpt = _checkpoint_file(args.checkpoint)
     model, cfg, meta = load_model(ckpt, device)
-    ann = load_annotations(args.data_root, max_bad_fraction=cfg.data.max_bad_fraction)
-    records = ann.val if args.split == "val" else ann.test
-    if not records:
-        from lgur.errors import DataError
-
-        raise DataError(f"{ann.annotation_file}: the {args.split} split is empty (layout {ann.layout})")
+    ann = load_annotations(args.data_root, max_bad_fraction=None)  # eval needs only the evaluated split
+    ann.raise_if_unusable(cfg.data.max_bad_fraction, splits=(args.split,))
+    records = ann.split(args.split)
     split = build_eval_split(args.split, records, model, cfg, args.batch_size or cfg.eval.batch_size, args.workers)
     directions = (args.protocol, "i2t") if args.i2t else (args.protocol,)
-    dtype = resolve_amp(cfg.train.amp if args.amp is None else args.amp, device)
+    dtype = resolve_amp(args.amp, device)
     metrics = evaluate(model, split, device, dtype, lambda x, train: x, directions,
                        cfg.eval.chunk_size)
     print(f"model {ckpt} (fingerprint {meta['fingerprint']}) on {args.data_root} [{ann.layout}], "

@@ -30,8 +30,9 @@ def _run_convert_official(args: argparse.Namespace) -> int:
     print(f"wrote {report['output']}: {report['tensors']} tensors, {report['num_classes']} ID classes, "
           f"fingerprint {report['fingerprint']}")
     if report["ignored"]:
-        print(f"dropped {len(report['ignored'])} official tensors no forward reads "
-              f"(pos_embed_image, last DeiT block, DeiT norm/fc, BERT pooler/buffers)")
+        print(f"dropped {len(report['ignored'])} official tensors that no forward reads:")
+        for name in report["ignored"]:
+            print(f"  {name}")
     if report["unmapped_dropped"]:
         print(f"WARNING: dropped {len(report['unmapped_dropped'])} unmapped official keys: "
               f"{', '.join(report['unmapped_dropped'])}")

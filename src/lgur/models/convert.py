@@ -2,7 +2,7 @@
 
 The official file is a dict {'network': state dict, 'W': state dict of the 6 ID classifiers,
 'optimizer', 'epoch', 'test_best'} (lgur-reference §9.1); a bare network state dict is accepted too.
-It is read with torch.load(weights_only=True); the only globals admitted beyond tensors are numpy's
+It is read through lgur.files.read_torch (torch.load(weights_only=True)); the only globals admitted beyond tensors are numpy's
 scalar/dtype reconstructors, because the official `test_best` is a numpy float64.
 Names follow the fixture README's table:
 
@@ -35,6 +35,7 @@ import torch
 
 from lgur.config import Config, load_config
 from lgur.errors import WeightsError
+from lgur.files import read_torch
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +168,8 @@ def _numpy_scalar_globals() -> list:
 
 def read_official_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict]:
     """(network state dict, classifier state dict or None, other scalar entries) of an official file."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"official checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: cannot be read as a PyTorch checkpoint with weights_only=True "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    path = Path(path).expanduser()
+    obj = read_torch(path, "an official LGUR checkpoint", safe_globals=_numpy_scalar_globals())
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a dict, got {type(obj).__name__}")
     if isinstance(obj.get("network"), dict):
@@ -220,6 +214,8 @@ def convert_official(src: str | Path, dst: str | Path, config: str | Path | None
             f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
             f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}, shapes {mismatched[:4]}")
     model.load_state_dict(mapped, strict=True)
+    if ignored:
+        log.info("dropped %d official tensors that no forward reads: %s", len(ignored), ", ".join(ignored))
     fingerprint = save_model(model, cfg, dst, num_classes,
                              extra={"converted_from": Path(src).name, "official": extra})
     return {"output": str(dst), "tensors": len(mapped), "ignored": ignored, "unmapped_dropped": unmapped,

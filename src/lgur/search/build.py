@@ -78,7 +78,7 @@ def build(checkpoint, images, out, dtype="fp16", batch_size=64, num_workers=2, d
 
 def _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pca, search_cfg, progress, metadata,
            follow_symlinks=False):
-    from lgur.checkpoint import load_model, read_metadata
+    from lgur.checkpoint import load_model
     from lgur.config import defaults
     from lgur.data import ImageFolderSet, build_test_transform
     from lgur.data.images import verify_image
@@ -89,9 +89,9 @@ def _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pc
         raise SearchError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
     scfg = search_cfg or defaults().search
     checkpoint, root, out = Path(checkpoint).resolve(), Path(images).expanduser().resolve(), Path(out)
-    fingerprint = read_metadata(checkpoint)["fingerprint"]
     report = BuildReport(processes=env.world)
-    model, cfg, _ = load_model(checkpoint, device=env.device)
+    model, cfg, meta = load_model(checkpoint, device=env.device)
+    fingerprint = meta["fingerprint"]  # computed from the loaded tensors and config
     transform = build_test_transform(cfg.data.image_size, model.image_mean, model.image_std, cfg.data.interpolation)
     dataset = ImageFolderSet(root, transform)
     dataset.paths, report.outside = split_gallery(dataset.paths, root, follow_symlinks)

@@ -102,7 +102,7 @@ class Searcher:
 
     def __init__(self, index_path: str | Path, checkpoint: str | Path | None = None, device: str | None = None,
                  mode: str = "auto", search_cfg=None, images_root: str | Path | None = None):
-        from lgur.checkpoint import load_model, read_metadata
+        from lgur.checkpoint import load_model
         from lgur.config import defaults
 
         self.cfg = search_cfg or defaults().search
@@ -110,13 +110,14 @@ class Searcher:
         if images_root is not None:
             self.index.manifest["images_root"] = str(Path(images_root).expanduser().resolve())
         checkpoint = Path(checkpoint or self.index.checkpoint)
-        fingerprint = read_metadata(checkpoint)["fingerprint"]
-        if fingerprint != self.index.fingerprint:
-            raise SearchError(f"{checkpoint} (weights {fingerprint}) is not the model that built {index_path} "
-                              f"(weights {self.index.fingerprint}); its embeddings are not comparable. "
-                              f"Search with that checkpoint or rebuild the index with `lgur index`")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_model(checkpoint, device=self.device)[0]
+        # the fingerprint is computed from the loaded tensors and config, not read from metadata
+        self.model, _, meta = load_model(checkpoint, device=self.device)
+        fingerprint = meta["fingerprint"]
+        if fingerprint != self.index.fingerprint:
+            raise SearchError(f"{checkpoint} (model {fingerprint}) is not the model that built {index_path} "
+                              f"(model {self.index.fingerprint}); its embeddings are not comparable. "
+                              f"Search with that checkpoint or rebuild the index with `lgur index`")
         if self.model.embedding_dim != self.index.dim:
             raise SearchError(f"{index_path}: embeddings of width {self.index.dim}, but {checkpoint} encodes "
                               f"{self.model.embedding_dim}-d queries (corrupt or edited index; rebuild it with "

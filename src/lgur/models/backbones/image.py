@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from lgur.errors import ConfigError, WeightsError
-from lgur.models.backbones.weights import load_checked, read_state_dict
+from lgur.models.backbones.weights import load_checked, read_state_dict, warn_random_init_on_use
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +152,11 @@ def _load_plain(model: nn.Module, path: str, drop_prefixes: tuple[str, ...]) -> 
     return load_checked(model, {k: v for k, v in sd.items() if k not in ignored}, path, ignored)
 
 
-def _random_init_warning(name: str) -> None:
-    msg = (f"model.image_backbone={name}: no model.image_weights given, the image backbone starts from "
-           "random init (give a local checkpoint file to fine-tune from pretrained weights)")
-    warnings.warn(msg, stacklevel=3)
-    log.warning(msg)
+def _random_init_warning(bb: nn.Module, name: str) -> None:
+    """Warns at the first forward, unless a checkpoint is loaded into the backbone before."""
+    warn_random_init_on_use(bb, f"model.image_backbone={name}: no model.image_weights given and no checkpoint "
+                                "loaded, the image backbone runs from random init (give a local checkpoint file "
+                                "to fine-tune from pretrained weights)")
 
 
 # ----------------------------------------------------------------------------------------- builders
@@ -174,7 +173,7 @@ def _with_weights(bb: "ViTTokens", mcfg, pretrained: bool, name: str) -> "ViTTok
     if pretrained and mcfg.image_weights:
         bb.load_report = _load_timm_vit(bb, mcfg.image_weights, clip=name == "clip_vit_b16")
     elif pretrained:
-        _random_init_warning(name)
+        _random_init_warning(bb, name)
     return bb
 
 
@@ -208,7 +207,7 @@ def _resnet50(mcfg, image_size, pretrained: bool) -> ImageBackbone:
     if pretrained and mcfg.image_weights:
         bb.load_report = _load_plain(net, mcfg.image_weights, ("fc.",))  # timm and torchvision share the names
     elif pretrained:
-        _random_init_warning("resnet50")
+        _random_init_warning(bb, "resnet50")
     return bb
 
 

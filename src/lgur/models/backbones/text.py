@@ -15,7 +15,6 @@ input_ids/attention_mask (B,L) -> T (B, L_max, dim), L_max = the batch's longest
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lgur.errors import ConfigError, WeightsError
+from lgur.models.backbones.weights import warn_random_init_on_use
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,12 @@ def _build_bert(mcfg, pretrained: bool):
     if name == "bert_base":
         if pretrained and mcfg.text_weights:
             return _bert_from_folder(mcfg.text_weights)
-        if pretrained:
-            msg = ("model.text_backbone=bert_base: no model.text_weights given, BERT starts from random init "
-                   "(give a local bert-base-uncased folder)")
-            warnings.warn(msg, stacklevel=3)
-            log.warning(msg)
-        return _bert_random()
+        bert = _bert_random()
+        if pretrained:  # warns at the first forward, unless a checkpoint is loaded before
+            warn_random_init_on_use(bert, "model.text_backbone=bert_base: no model.text_weights given and no "
+                                          "checkpoint loaded, BERT runs from random init (give a local "
+                                          "bert-base-uncased folder)")
+        return bert
     raise ConfigError(f"model.text_backbone={name!r} is not one of bert_base, minilm, bert_tiny")
 
 

@@ -8,7 +8,6 @@ mismatch, naming the file.
 from __future__ import annotations
 
 import logging
-import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -16,41 +15,19 @@ import torch
 from torch import nn
 
 from lgur.errors import WeightsError
+from lgur.files import read_any
 
 log = logging.getLogger(__name__)
 
 _WRAPPERS = ("model", "state_dict")  # {'model': sd} (DeiT/Facebook), {'state_dict': sd} (many trainers)
 
 
-def _is_torchscript(path: Path) -> bool:
-    """OpenAI's CLIP `.pt` files are TorchScript archives, not pickled state dicts."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") for n in z.namelist())
-
-
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weight file: safetensors, a torch state dict (bare or under 'model'/'state_dict',
-    loaded with weights_only=True) or a TorchScript archive. A DDP 'module.' prefix is stripped."""
+    """Tensors of a weight file: safetensors, or a torch state dict (bare or under 'model'/'state_dict')
+    read with torch.load(weights_only=True), through lgur.files (TorchScript archives are refused: their
+    code would run at load). A DDP 'module.' prefix is stripped."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            obj = load_file(str(path))
-        except Exception as e:
-            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
-    elif _is_torchscript(path):
-        obj = torch.jit.load(str(path), map_location="cpu").state_dict()
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise WeightsError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    obj = read_any(path, "a pretrained weights file")
     for key in _WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -107,3 +84,29 @@ def load_checked(module: nn.Module, sd: dict[str, torch.Tensor], source: str | P
     if unexpected:
         log.warning("%s: %d unexpected key(s) not used: %s", source, len(unexpected), summarize_keys(unexpected))
     return {"loaded": loaded, "ignored": ignored, "unexpected": unexpected, "missing": missing}
+
+
+def warn_random_init_on_use(module: nn.Module, message: str) -> None:
+    """Warn (warnings + log) that `module` runs from random init, at its first forward call, unless a
+    load_state_dict that fills all its tensors comes first: `build_model(cfg, n)` followed by loading a
+    checkpoint warns nothing, training from scratch warns once. Both hooks go away after either event."""
+    import warnings
+
+    own = list(module.state_dict())
+    handles = []
+
+    def remove_hooks() -> None:
+        for h in handles:
+            h.remove()
+
+    def loaded(mod, state_dict, prefix, *args) -> None:
+        if all(prefix + k in state_dict for k in own):
+            remove_hooks()
+
+    @torch.compiler.disable  # runs eagerly under torch.compile (train.compile): a side effect, no graph
+    def first_use(mod, args) -> None:
+        remove_hooks()
+        warnings.warn(message, stacklevel=2)
+        log.warning(message)
+
+    handles += [module.register_load_state_dict_pre_hook(loaded), module.register_forward_pre_hook(first_use)]
