@@ -298,3 +298,18 @@ def test_every_skipped_or_substituted_record_is_named_in_log_and_results(synth_r
     assert ("decode_failure", "substituted", where["broken_test"]) in {
         (p["kind"], p["action"], p["record"]) for p in data["problems"]}
     assert data["used"]["splits"] == {"test": {"records": 13, "images": 13, "captions": 26}}
+
+
+def test_resume_refuses_bit_rotted_weights(tiny_run, tmp_path, capsys):
+    """last.safetensors with one flipped bit (its metadata intact, so the state file still pairs with it):
+    refused as corrupt before anything trains, the run folder unchanged."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[1], run)
+    raw = bytearray((run / "last.safetensors").read_bytes())
+    raw[-5] ^= 0x01
+    (run / "last.safetensors").write_bytes(bytes(raw))
+    before = _folder_bytes(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "last.safetensors" in err and "corrupt model file" in err and "Traceback" not in err
+    assert _folder_bytes(run) == before

@@ -31,8 +31,8 @@ from lgur.errors import LgurError, WeightsError
 # safetensors' own reader refuses headers above 100 MB; a real header is a few hundred KB at most
 MAX_SAFETENSORS_HEADER = 100_000_000
 
-SAFETENSORS, TORCH_ZIP, TORCH_LEGACY, TORCHSCRIPT, OTHER_ZIP, UNKNOWN, EMPTY = (
-    "safetensors", "torch zip", "torch legacy", "TorchScript", "zip", "unknown", "empty")
+SAFETENSORS, TORCH_ZIP, TORCH_LEGACY, TORCHSCRIPT, OTHER_ZIP, BROKEN_ZIP, UNKNOWN, EMPTY = (
+    "safetensors", "torch zip", "torch legacy", "TorchScript", "zip", "broken zip", "unknown", "empty")
 
 TO_SAFETENSORS = ("save its tensors as safetensors where you trust the file: python -c \"import torch; "
                   "from safetensors.torch import save_file; sd = torch.jit.load('IN.pt').state_dict(); "
@@ -53,7 +53,7 @@ def sniff(path: str | Path) -> str:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
         except (zipfile.BadZipFile, OSError, ValueError):
-            return OTHER_ZIP
+            return BROKEN_ZIP
         # torch.jit.save writes code/ (the module's TorchScript source) and constants.pkl beside data.pkl
         if any("/code/" in n or n.startswith("code/") or n.endswith("constants.pkl") for n in names):
             return TORCHSCRIPT
@@ -88,6 +88,8 @@ def _refusal(path: Path, kind: str, what: str, expected: str) -> str:
         return (f"{path}: a PyTorch pickle (torch.save) file, not {expected} as {what} needs; "
                 + CONVERT_OFFICIAL.format(path=path)
                 + "; other torch.save state dicts can be saved as safetensors with safetensors.torch.save_file")
+    if kind == BROKEN_ZIP:
+        return f"{path}: a truncated or corrupt zip archive (a torch.save file cut short?); {what} must be {expected}"
     if kind == OTHER_ZIP:
         return f"{path}: a zip archive that is not a PyTorch checkpoint; {what} must be {expected}"
     if kind == EMPTY:
@@ -132,7 +134,7 @@ def read_safetensors(path: str | Path, what: str = "a model file", error: type[L
 
 
 def read_torch(path: str | Path, what: str = "a weights file", error: type[LgurError] = WeightsError,
-               safe_globals: Iterable = ()) -> object:
+               safe_globals: Iterable = (), expected: str = "a torch.save file") -> object:
     """A `torch.save` file through torch.load(weights_only=True) (plus the allow-listed `safe_globals`,
     each of which must build data without running code). TorchScript and unknown bytes are refused
     before torch sees them."""
@@ -140,7 +142,7 @@ def read_torch(path: str | Path, what: str = "a weights file", error: type[LgurE
     _check_file(path, what, error)
     kind = sniff(path)
     if kind not in (TORCH_ZIP, TORCH_LEGACY):
-        raise error(_refusal(path, kind, what, "a safetensors or torch.save file"))
+        raise error(_refusal(path, kind, what, expected))
     try:
         with torch.serialization.safe_globals(list(safe_globals)), warnings.catch_warnings():
             # torch notes pickle protocols other than its own; the outcome is reported below either way
@@ -158,5 +160,5 @@ def read_any(path: str | Path, what: str = "a weights file", error: type[LgurErr
     _check_file(path, what, error)
     if sniff(path) == SAFETENSORS:
         return read_safetensors(path, what, error)[0]
-    return read_torch(path, what, error, safe_globals)
+    return read_torch(path, what, error, safe_globals, expected="a safetensors or torch.save file")
 

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from lgur.checkpoint import atomic_write, save_model
-from lgur.errors import ConfigError, LgurError, WeightsError
+from lgur.errors import ConfigError, WeightsError
+from lgur.files import read_torch
 
 STATE_SUFFIX = ".state.pt"
 
@@ -71,17 +72,6 @@ STATE_KEYS = ("epoch", "step_in_epoch", "step", "optimizer", "scheduler", "scale
               "best", "history", "fingerprint")
 
 
-def _read_torch(path: Path, what: str, error: type[LgurError]) -> object:
-    """A torch.save file through torch.load(weights_only=True) (tensors and plain data only; nothing in
-    the file runs), any failure as one readable `error`. Same contract as lgur.files.read_torch."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated zip, bytes that are no torch file, a refused pickle global
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise error(f"{path}: cannot be read as {what} with torch.load(weights_only=True), which admits only "
-                    f"tensors and plain data ({type(e).__name__}: {first})") from None
-
-
 def load_state(run_dir: Path, tag: str = "last") -> tuple[dict, Path]:
     """The training state and the path of its weights; refuses a corrupt state file and a pair from two
     different saves with a readable error."""
@@ -90,7 +80,7 @@ def load_state(run_dir: Path, tag: str = "last") -> tuple[dict, Path]:
     state_path, weights = run_dir / f"{tag}{STATE_SUFFIX}", run_dir / f"{tag}.safetensors"
     if not state_path.is_file() or not weights.is_file():
         raise ConfigError(f"{run_dir}: no {tag} checkpoint to resume from ({weights.name} + {state_path.name})")
-    state = _read_torch(state_path, "lgur training state", WeightsError)
+    state = read_torch(state_path, "lgur training state", WeightsError)  # TorchScript/unknown bytes refused too
     missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
     if missing:
         raise WeightsError(f"{state_path}: not an lgur training state (lacks {', '.join(missing)}); "

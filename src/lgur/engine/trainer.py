@@ -33,7 +33,7 @@ from lgur.engine.monitor import Monitor, setup_logging
 from lgur.engine.optim import build_optimizer, build_scheduler
 from lgur.engine.precision import autocast, grad_scaler, resolve_amp
 from lgur.engine.state import capture_rng, load_state, restore_rng, save_checkpoint, seed_everything
-from lgur.errors import ConfigError, WeightsError
+from lgur.errors import ConfigError
 
 log = logging.getLogger("lgur.engine")
 SELECT_METRIC = ("t2i", "R@1")
@@ -375,16 +375,11 @@ def build_trainer(cfg, env: DistEnv, run_dir: Path | None, ann, resume_state: di
     seed_everything(cfg.seed + env.rank)
     core = build_model(cfg, ann.num_train_ids, pretrained=resume_weights is None)
     if resume_weights is not None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from lgur.checkpoint import read_model_file
 
-        try:
-            weights = load_file(str(resume_weights))
-        except (SafetensorError, OSError) as e:  # a header that parses over a truncated or damaged body
-            raise WeightsError(f"{resume_weights}: corrupt or truncated model file ({type(e).__name__}: "
-                               f"{str(e)[:300]}); resume from another run") from None
+        state = read_model_file(resume_weights)[0]  # verified: a damaged file is refused as corrupt
         with _resume_errors(resume_weights):
-            core.load_state_dict(weights)
+            core.load_state_dict(state)
     core.to(env.device)
     loaders = build_loaders(cfg, ann, core.tokenizer, core.image_mean, core.image_std,
                             distributed=env.distributed, progress=env.main)
