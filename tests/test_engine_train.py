@@ -275,6 +275,8 @@ def test_every_skipped_or_substituted_record_is_named_in_log_and_results(synth_r
     assert not (tmp_path / "runs").exists()
 
     assert main(args + ["data.allow_duplicate_images=true"]) == 0
+    printed = capsys.readouterr().out  # the closing summary
+    assert "data: reid_raw.json: 37 records" in printed and "1 records skipped, 2 substituted" in printed
     (run,) = (tmp_path / "runs").iterdir()
     data = json.loads((run / "results.json").read_text())["data"]
     named = {(p["kind"], p["action"], p["record"]) for p in data["problems"]}

@@ -73,7 +73,8 @@ def run_train(args: argparse.Namespace) -> int:
     results = train(cfg, resume_dir)
     if results is not None:
         print(f"run folder: {results['run_dir']}\nbest epoch {results['best_epoch']} (selected on "
-              f"{results['selected_on']}), model: {results['checkpoint']}")
+              f"{results['selected_on']}), model: {results['checkpoint']}\ndata: {results['data']['summary']}"
+              + (" (every record named in train.log and results.json)" if results["data"]["problems"] else ""))
     return 0
 
 
