@@ -6,7 +6,8 @@
 """
 from lgur.losses.criterion import LGURCriterion, Term, build_criterion, loss_terms
 from lgur.losses.identity import part_id_losses
-from lgur.losses.ranking import cosine_similarity, ranking_loss, select_negatives, triplet_hinge
+from lgur.losses.ranking import (TEXT_HINGES, candidate_mask, cosine_similarity, ranking_loss, select_negatives,
+                                triplet_hinge)
 
-__all__ = ["LGURCriterion", "Term", "build_criterion", "cosine_similarity", "loss_terms", "part_id_losses",
-           "ranking_loss", "select_negatives", "triplet_hinge"]
+__all__ = ["LGURCriterion", "TEXT_HINGES", "Term", "build_criterion", "candidate_mask", "cosine_similarity",
+           "loss_terms", "part_id_losses", "ranking_loss", "select_negatives", "triplet_hinge"]

@@ -16,7 +16,7 @@ import torch
 
 from lgur.errors import ConfigError
 from lgur.losses.identity import part_id_losses
-from lgur.losses.ranking import NEGATIVES, REDUCTIONS, cosine_similarity, ranking_loss
+from lgur.losses.ranking import NEGATIVES, REDUCTIONS, TEXT_HINGES, cosine_similarity, ranking_loss
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,9 @@ class LGURCriterion:
 
     Negative sampling draws from a torch.Generator per device seeded with cfg.seed; its state is
     exposed by state_dict()/load_state_dict() so a resumed run continues the same random stream.
+    `draws` (2, n_rank_terms, B, B), optional: uniform draws to use instead of the generator's (the
+    ranking terms in `self.terms` order, then as lgur.losses.ranking.ranking_loss's `uniform`); tests
+    replay recorded negatives with it through the same code.
     """
 
     def __init__(self, cfg):
@@ -55,7 +58,10 @@ class LGURCriterion:
             raise ConfigError(f"loss.negative must be one of {', '.join(NEGATIVES)}, got {lcfg.negative!r}")
         if lcfg.reduction not in REDUCTIONS:
             raise ConfigError(f"loss.reduction must be one of {', '.join(REDUCTIONS)}, got {lcfg.reduction!r}")
+        if lcfg.text_hinge not in TEXT_HINGES:
+            raise ConfigError(f"loss.text_hinge must be one of {', '.join(TEXT_HINGES)}, got {lcfg.text_hinge!r}")
         self.margin, self.negative, self.reduction = float(lcfg.margin), lcfg.negative, lcfg.reduction
+        self.text_hinge = lcfg.text_hinge
         self.weights = {"id": float(lcfg.id_weight), "rank": float(lcfg.rank_weight),
                         "guide": float(lcfg.guide_weight)}
         self.terms = [t for t in loss_terms(cfg.model) if self.weights[t.kind] != 0.0]
@@ -75,8 +81,8 @@ class LGURCriterion:
         for dev, s in state.items():
             self.generator(torch.device(dev)).set_state(s)
 
-    def __call__(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor,
-                 model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, model: torch.nn.Module,
+                 draws: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         missing = sorted({k for t in self.terms for k in (t.a, t.b)} - outputs.keys())
         if missing:
             raise ValueError(f"model outputs lack branches {missing} needed by the loss; model and loss "
@@ -84,11 +90,11 @@ class LGURCriterion:
         # the loss math runs in float32 even inside the engine's autocast region: bf16 logits over
         # thousands of identities and bf16 cosines near the margin would change which negatives count
         with torch.autocast(labels.device.type, enabled=False):
-            total, logged = self._terms(outputs, labels, model)
+            total, logged = self._terms(outputs, labels, model, draws)
         return total, {k: v.detach() for k, v in logged.items()}
 
-    def _terms(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor,
-               model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _terms(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, model: torch.nn.Module,
+               draws: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logged: dict[str, torch.Tensor] = {}
         total = 0.0
         id_terms = [t for t in self.terms if t.kind == "id"]
@@ -107,8 +113,9 @@ class LGURCriterion:
             a = torch.stack([outputs[t.a].float().flatten(1) for t in rank_terms])
             b = torch.stack([outputs[t.b].float().flatten(1) for t in rank_terms])
             sims = cosine_similarity(a, b)  # (n_terms, B, B), image/raw side as rows
-            values = ranking_loss(sims, labels, self.margin, self.negative, self.reduction,
-                                  generator=self.generator(sims.device))
+            values = ranking_loss(sims, labels, self.margin, self.negative, self.reduction, uniform=draws,
+                                  generator=None if draws is not None else self.generator(sims.device),
+                                  text_hinge=self.text_hinge)
             logged.update({t.name: v for t, v in zip(rank_terms, values)})
         for t in self.terms:
             total = total + self.weights[t.kind] * logged[t.name]
