@@ -300,10 +300,11 @@ def test_one_adam_step_matches_the_official_parameter_groups(step):
         if n not in our_grads:
             assert torch.equal(p.detach(), before[n]), f"{n} moved without a gradient"
             continue
-        ours_delta, ref_delta = p.detach() - before[n], expected[n] - expected_before[n]
-        lr_of = ref_delta.abs().max().item()  # a first Adam step moves every entry by ~lr
-        assert lr_of > 0, n
-        assert (ours_delta - ref_delta).abs().max().item() <= 1e-3 * lr_of, n
+        step_size = (expected[n] - expected_before[n]).abs().max().item()  # a first Adam step moves entries by ~lr
+        assert step_size > 0, n
+        # 1e-3 of the step, plus one float32 rounding of each result (fused vs for-each kernels)
+        tol = 1e-3 * step_size + 2 * torch.finfo(torch.float32).eps * expected[n].abs()
+        assert ((p.detach() - expected[n]).abs() <= tol).all(), n
         compared.add(n)
     # at least one tensor of each official group was compared
     for prefix in ("image.", "text.lstm.", "proj.", "classifiers.", "dga.", "decoder."):
