@@ -1,11 +1,12 @@
 """Torch datasets, the collate function, the decoded-image cache and `build_loaders` for the engine.
 
 Batches are dicts (docs/architecture.md, Data contract):
-    TrainPairs    images (B,3,H,W), input_ids (B,L), attention_mask (B,L), labels (B,), indices (B,)
+    TrainPairs    images (B,3,H,W), input_ids (B,L), attention_mask (B,L), lengths (B,), labels (B,), indices (B,)
     EvalImages    images, labels (= person ids), indices
-    EvalCaptions  input_ids, attention_mask, labels, image_indices (each caption's own image), indices
+    EvalCaptions  input_ids, attention_mask, lengths, labels, image_indices (each caption's own image), indices
     ImageFolderSet images, indices (into `dataset.paths`; undecodable images are left out of the batch)
-L is the longest caption of the batch. Captions are tokenised once when a dataset is built; captions over
+L is the longest caption of the batch; `lengths` (= attention_mask.sum(1)) stays on the CPU, where the
+text encoder's packing needs it (no device->host copy in the step). Captions are tokenised once when a dataset is built; captions over
 `max_caption_tokens` are truncated and counted.
 
 Bad images never stop an epoch: a training pair whose image cannot be decoded is replaced by another
@@ -100,6 +101,7 @@ class Collate:
                 ids[i, :len(s)] = s
                 mask[i, :len(s)] = 1
             out["input_ids"], out["attention_mask"] = ids, mask
+            out["lengths"] = torch.tensor([len(s) for s in seqs], dtype=torch.long)  # stays on the CPU
         for key, name in (("label", "labels"), ("image_index", "image_indices"), ("index", "indices")):
             if key in items[0]:
                 out[name] = torch.tensor([x[key] for x in items], dtype=torch.long)

@@ -42,7 +42,7 @@ def encode_split(model: torch.nn.Module, split, device: torch.device, dtype: tor
     for batch in tqdm(split.caption_loader, desc=f"encoding {split.name} captions", **bar):
         ids, mask = batch["input_ids"].to(device, non_blocking=True), batch["attention_mask"].to(device)
         with autocast(device, dtype):
-            texts[batch["indices"].to(device)] = model.encode_texts(ids, mask).float()
+            texts[batch["indices"].to(device)] = model.encode_texts(ids, mask, batch.get("lengths")).float()
     model.train(was_training)
     return images, texts
 

@@ -108,9 +108,11 @@ class TrainStep:
             self.scaler = grad_scaler(self.device, None)
 
     def __call__(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 labels: torch.Tensor) -> dict[str, torch.Tensor]:
+                 labels: torch.Tensor, lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`lengths`: the batch's caption lengths, left on the CPU (the text encoder packs with them
+        instead of copying the mask's sums back from the device)."""
         with autocast(self.device, self.dtype):
-            outputs = self.model(images, input_ids, attention_mask)
+            outputs = self.model(images, input_ids, attention_mask, lengths)
         outputs = {k: v.float() for k, v in outputs.items()}
         if self.gather_world > 1:
             outputs = {k: gather_with_grad(v) for k, v in outputs.items()}
@@ -174,7 +176,7 @@ class Trainer:
             labels = batch["labels"].to(dev, non_blocking=True)
             logged = self.step_fn(prepare(batch["images"].to(dev, non_blocking=True), True),
                                   batch["input_ids"].to(dev, non_blocking=True),
-                                  batch["attention_mask"].to(dev, non_blocking=True), labels)
+                                  batch["attention_mask"].to(dev, non_blocking=True), labels, batch.get("lengths"))
             for k, v in logged.items():  # device tensors: no host sync on the hot path
                 total[k] = total.get(k, 0.0) + v
                 window[k] = window.get(k, 0.0) + v
@@ -388,8 +390,9 @@ def build_trainer(cfg, env: DistEnv, run_dir: Path | None, ann, resume_state: di
     dtype = resolve_amp(cfg.train.amp, env.device)
     model = core
     if env.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            core, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        # device_ids=None: DDP would otherwise copy every tensor argument to the GPU, including the
+        # caption lengths that must stay on the CPU (the loop moves the other tensors itself)
+        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=None)
     if cfg.train.compile:
         model = torch.compile(model)
     step = TrainStep(model, core, build_criterion(cfg), optimizer, env.device, dtype, grad_scaler(env.device, dtype),

@@ -141,10 +141,11 @@ class LGUR(nn.Module):
             out["T"] = out["T_re"]  # no dictionary: the raw text branch IS the retrieval branch
         return out
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training path: dict of (B, K, embed_dim) branch part stacks (see the module docstring)."""
-        T = self.text(input_ids, attention_mask)
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Training path: dict of (B, K, embed_dim) branch part stacks (see the module docstring).
+        `lengths`: the batch's caption lengths on the CPU (no device->host sync; see backbones.text)."""
+        T = self.text(input_ids, attention_mask, lengths)
         return self.heads(self.image(images), T, attention_mask[:, : T.shape[1]])
 
     # ---- test path (dual encoder: no CMG, no V_g)
@@ -158,9 +159,10 @@ class LGUR(nn.Module):
         """(B, 3, H, W) normalised images -> (B, K*embed_dim) L2-normalised retrieval embeddings."""
         return self.embed_image_tokens(self.image(images))
 
-    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token ids + mask (B, L) -> (B, K*embed_dim) L2-normalised retrieval embeddings."""
-        T = self.text(input_ids, attention_mask)
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids + mask (B, L) [+ CPU lengths (B,)] -> (B, K*embed_dim) L2-normalised retrieval embeddings."""
+        T = self.text(input_ids, attention_mask, lengths)
         return self.embed_text_tokens(T, attention_mask[:, : T.shape[1]])
 
     @torch.no_grad()
@@ -169,7 +171,8 @@ class LGUR(nn.Module):
         batch = self.tokenizer(list(captions), padding=True, truncation=True,
                                max_length=self.max_caption_tokens, return_tensors="pt")
         device = next(self.parameters()).device
-        return self.encode_texts(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        lengths = batch["attention_mask"].sum(1)  # counted on the CPU, before the copy to the device
+        return self.encode_texts(batch["input_ids"].to(device), batch["attention_mask"].to(device), lengths)
 
 
 def build_model(cfg, num_classes: int, pretrained: bool = True) -> LGUR:

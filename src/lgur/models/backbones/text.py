@@ -8,8 +8,11 @@ input_ids/attention_mask (B,L) -> T (B, L_max, dim), L_max = the batch's longest
 - Frozen (official): requires_grad False and the forward under no_grad. Official quirk kept by default
   (`model.text_dropout_in_train`): BERT follows the model's train()/eval(), so its dropout 0.1 is
   active in training; with the key false BERT stays in eval mode.
-- BiLSTM (`lstm`): 1 layer, hidden `dim` per direction, no bias, packed by attention_mask.sum(1), the
-  two directions averaged (not concatenated). With `model.lstm: false` a Linear hidden->dim (`proj`)
+- BiLSTM (`lstm`): 1 layer, hidden `dim` per direction, no bias, packed by the caption lengths, the
+  two directions averaged (not concatenated).
+- Lengths: packing needs them on the CPU. The training and evaluation loops pass the collate function's
+  `lengths` (computed on the CPU when the batch is built), so the step never copies the device mask back
+  to the host (a GPU->CPU sync that would stall the step); without them they are counted from the mask. With `model.lstm: false` a Linear hidden->dim (`proj`)
   replaces it and padded steps are zeroed by the mask.
 """
 from __future__ import annotations
@@ -95,6 +98,25 @@ def _build_bert(mcfg, pretrained: bool):
     raise ConfigError(f"model.text_backbone={name!r} is not one of bert_base, minilm, bert_tiny")
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor copied to `device` without stalling the host (pinned + non_blocking on CUDA)."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def host_lengths(attention_mask: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Caption lengths as a CPU int64 tensor: the given ones (which must already live on the CPU: moving
+    them there would be a hidden sync), else attention_mask.sum(1) (a sync when the mask is on a GPU)."""
+    if lengths is None:
+        return attention_mask.sum(1).cpu()
+    if lengths.device.type != "cpu":
+        raise ValueError(f"caption lengths must be a CPU tensor (the batch's `lengths`), got {lengths.device}")
+    if lengths.shape != attention_mask.shape[:1]:
+        raise ValueError(f"lengths {tuple(lengths.shape)} do not match the batch of {attention_mask.shape[0]} captions")
+    return lengths.long()
+
+
 class TextEncoder(nn.Module):
     """BERT (`backbone`) + BiLSTM (`lstm`) or Linear (`proj`); official `TextExtract.text_embed.*` ->
     `backbone.*` (minus `pooler.*`, not built) and `TextExtract.lstm.*` -> `lstm.*`."""
@@ -125,27 +147,52 @@ class TextEncoder(nn.Module):
     def encode_hidden(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Post-BERT path: hidden states (B,L,H) and caption lengths (B,) -> (B, max(lengths), dim),
         padded steps exactly 0."""
-        lengths = lengths.cpu()  # packing needs them on the CPU; no-op when they already are
+        lengths = lengths.cpu()  # packing needs them on the CPU; no-op (no sync) when they already are
         longest = int(lengths.max())
         hidden = hidden[:, :longest]
         if not hasattr(self, "lstm"):
-            mask = torch.arange(longest) < lengths[:, None]
-            return self.proj(hidden) * mask.to(hidden.device, hidden.dtype)[..., None]
+            mask = _to_device(lengths, hidden.device)[:, None] > torch.arange(longest, device=hidden.device)
+            return self.proj(hidden) * mask.to(hidden.dtype)[..., None]
         # the recurrence runs in the LSTM's own dtype, outside autocast: cuDNN's reduced-precision RNN
         # support varies by version, and this one layer is cheap next to BERT
         with torch.autocast(hidden.device.type, enabled=False):
             x = hidden.to(self.lstm.weight_ih_l0.dtype)
-            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            # Sorted by length on the CPU and un-sorted on the device by ourselves: torch's
+            # enforce_sorted=False copies the order to the device with a blocking copy and
+            # pad_packed_sequence copies it back with .cpu() (two host syncs per step).
+            order = torch.argsort(lengths, descending=True, stable=True)
+            order_dev, inverse_dev = _to_device(order, x.device), _to_device(torch.argsort(order), x.device)
+            packed = pack_padded_sequence(x.index_select(0, order_dev), lengths[order], batch_first=True)
             out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=longest)
+            out = out.index_select(0, inverse_dev)
         return (out[..., :self.dim] + out[..., self.dim:]) / 2
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        lengths = attention_mask.sum(1).cpu()  # the one device->host sync of the text path
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """`lengths` (B,) on the CPU: the real tokens per caption (= attention_mask.sum(1), the batch's
+        `lengths`). Not given: counted from the mask, a device->host sync when the mask is on a GPU."""
+        lengths = host_lengths(attention_mask, lengths)
         longest = int(lengths.max())
         input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = self.bert_mask(attention_mask, lengths)
+            hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return self.encode_hidden(hidden, lengths)
+
+    def bert_mask(self, attention_mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+        """BERT's attention mask, decided on the CPU lengths. Given the 2-D mask, transformers asks
+        `mask.all()` to skip the mask when nothing is padded: a device->host sync in every forward.
+        Here: None when no caption is padded (the same skip), else the 4-D mask transformers builds for
+        the configured attention implementation, made without that check."""
+        if bool((lengths == attention_mask.shape[1]).all()):  # CPU tensor: no sync
+            return None
+        from transformers.masking_utils import create_bidirectional_mask
+
+        b, length = attention_mask.shape
+        shape_only = torch.empty((b, length, 0), dtype=self.backbone.get_input_embeddings().weight.dtype,
+                                 device=attention_mask.device)  # batch, length, dtype and device of the embeddings
+        return create_bidirectional_mask(config=self.backbone.config, inputs_embeds=shape_only,
+                                         attention_mask=attention_mask, allow_is_bidirectional_skip=False)
 
 
 def build_text_encoder(mcfg, pretrained: bool = True) -> TextEncoder:
