@@ -224,7 +224,8 @@ def test_build_loaders(synth, tokenizer):
     assert loaders.val is not None and loaders.augment is None and loaders.sampler is None
     assert len(loaders.train) == 32 // 6  # 16 train images x 2 captions, drop_last
     b = next(iter(loaders.train))
-    assert set(b) == {"images", "input_ids", "attention_mask", "labels", "indices"}
+    assert set(b) == {"images", "input_ids", "attention_mask", "lengths", "labels", "indices"}
+    assert torch.equal(b["lengths"], b["attention_mask"].sum(1))  # on the CPU, for the text encoder's packing
     assert b["images"].shape == (6, 3, *cfg.data.image_size) and b["images"].dtype == torch.float32
     assert b["attention_mask"].sum(1).max() == b["input_ids"].shape[1]  # padded to the longest caption only
     assert b["labels"].max() < ann.num_train_ids
