@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-$(shell cat requirements.txt requirements-weights.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ test: venv
 
 bench: venv
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# GPU acceptance run (bench/gpu_check.py): no venv, nothing installed; GPU_OUT=folder, GPU_ARGS=--dry-run
+GPU_OUT ?= gpu_check_out
+gpu-check:
+	bash bench/gpu_check.sh $(GPU_OUT) $(GPU_ARGS)
 
 clean:
 	rm -rf demo_out runs .pytest_cache

@@ -148,7 +148,7 @@ def test_training_steps_make_no_host_sync(synth_root, tmp_path, tokenizer_overri
     finally:
         torch.cuda.set_sync_debug_mode(0)
         trainer.monitor.close()
-    assert logs == [2, 4, 5] and math.isfinite(terms["loss"])
+    assert logs and logs[-1] == n_steps and math.isfinite(terms["loss"])  # it ran to the end of the epoch
 
 
 def test_device_augment_equals_cpu_path():
@@ -171,11 +171,12 @@ def test_device_augment_equals_cpu_path():
         assert torch.equal(cpu[i], F.horizontal_flip(ref) if flips[i] else ref), i
     norm_dev = aug.normalize(images.to(DEVICE)).cpu()
     assert torch.allclose(norm_dev, aug.to("cpu").normalize(images), atol=1e-6, rtol=0)
+    fresh = DeviceAugment((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), pad=pad, flip=True).to(DEVICE).train()
+    fresh.set_epoch(3)  # before the device's generator exists, as in a run resumed at an epoch start
+    first = fresh(images.to(DEVICE))
     aug.to(DEVICE).train()
     aug.set_epoch(3)
-    first = aug(images.to(DEVICE))
-    aug.set_epoch(3)
-    assert torch.equal(aug(images.to(DEVICE)), first)  # the epoch's stream is reproducible on the device
+    assert torch.equal(aug(images.to(DEVICE)), first)  # the epoch's stream on the device, however it got there
 
 
 def test_eval_metrics_on_cuda_equal_cpu(synth_root, tmp_path, tokenizer_overrides):

@@ -69,17 +69,20 @@ class DeviceAugment(nn.Module):
         self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)), persistent=False)
         self.register_buffer("shift", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0, persistent=False)
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._epoch_seed = self.seed
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """One generator per device, seeded once (set_epoch reseeds them for resumable runs)."""
+        """One generator per device, seeded with the current epoch's seed when first used (set_epoch
+        reseeds existing ones), so a run resumed at an epoch start draws what the uninterrupted run drew."""
         if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._epoch_seed)
         return self._generators[device]
 
     def set_epoch(self, epoch: int) -> None:
         """Make the augmentation of an epoch independent of how earlier epochs ran (exact resume)."""
+        self._epoch_seed = self.seed + 1_000_003 * epoch
         for g in self._generators.values():
-            g.manual_seed(self.seed + 1_000_003 * epoch)
+            g.manual_seed(self._epoch_seed)
 
     def sample(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample crop offsets (row, col) in [0, 2*pad] and flip flags."""
