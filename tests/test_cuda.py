@@ -128,6 +128,7 @@ def test_training_steps_make_no_host_sync(synth_root, tmp_path, tokenizer_overri
                "optim.grad_clip=1.0", "train.log_every=2", "train.max_steps_per_epoch=5",
                "train.save_every_steps=0", "optim.epochs=2")
     trainer = build_trainer(cfg, DistEnv(0, 1, 0, DEVICE), tmp_path, load_data(cfg))
+    assert next(iter(trainer.loaders.train))["images"].is_pinned()  # cached batches gathered into pinned memory
     trainer.train_epoch()
     trainer.epoch, trainer.step_in_epoch = 1, 0
     real_log, n_steps, logs = trainer.log_window, trainer.steps_per_epoch(), []
@@ -225,12 +226,14 @@ def test_compiled_model_equals_eager(synth_root, tmp_path, tokenizer_overrides):
         with torch.no_grad():
             out_e, out_c = eager(images, ids, mask, lengths), compiled(images, ids, mask, lengths)
         for k in out_e:
-            assert torch.allclose(out_c[k], out_e[k], atol=1e-4, rtol=1e-3), (k, float((out_c[k] - out_e[k]).abs().max()))
+            diff = float((out_c[k] - out_e[k]).abs().max())
+            assert torch.allclose(out_c[k], out_e[k], atol=1e-4, rtol=1e-3), (k, diff)
         step_e, step_c = _step(cfg, eager, None), _step(cfg, other, None)
         step_c.model = compiled
         for _ in range(2):
             le, lc = step_e(images, ids, mask, labels, lengths), step_c(images, ids, mask, labels, lengths)
-            assert math.isclose(float(lc["loss"]), float(le["loss"]), rel_tol=1e-3), (float(lc["loss"]), float(le["loss"]))
+            lc, le = float(lc["loss"]), float(le["loss"])
+            assert math.isclose(lc, le, rel_tol=1e-3), (lc, le)
     for (name, p), q in zip(eager.named_parameters(), other.parameters()):
         assert torch.allclose(p, q, atol=1e-4, rtol=1e-3), name
 

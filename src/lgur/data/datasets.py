@@ -6,8 +6,8 @@ Batches are dicts (docs/architecture.md, Data contract):
     EvalCaptions  input_ids, attention_mask, lengths, labels, image_indices (each caption's own image), indices
     ImageFolderSet images, indices (into `dataset.paths`; undecodable images are left out of the batch)
 L is the longest caption of the batch; `lengths` (= attention_mask.sum(1)) stays on the CPU, where the
-text encoder's packing needs it (no device->host copy in the step). Captions are tokenised once when a dataset is built; captions over
-`max_caption_tokens` are truncated and counted.
+text encoder's packing needs it (no device->host copy in the step). Captions are tokenised once when a
+dataset is built; captions over `max_caption_tokens` are truncated and counted.
 
 Bad images never stop an epoch: a training pair whose image cannot be decoded is replaced by another
 pair, an evaluation image by a blank (mean-colour) image so the gallery keeps its size, and a search
@@ -80,10 +80,13 @@ def _tokenize(captions: Sequence[str], tokenizer, max_tokens: int, what: str) ->
 
 
 class Collate:
-    """Stacks images and pads captions to the batch's longest one (attention_mask 1 on real tokens)."""
+    """Stacks images and pads captions to the batch's longest one (attention_mask 1 on real tokens).
+    `pin_images`: the images are gathered straight into pinned memory (one copy; the DataLoader's
+    pin_memory step then has nothing left to copy), ready for an asynchronous copy to the GPU."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, pin_images: bool = False):
         self.pad_id = int(pad_id)
+        self.pin_images = bool(pin_images)
 
     def __call__(self, items: list[dict | None]) -> dict[str, torch.Tensor]:
         items = [x for x in items if x is not None]
@@ -91,7 +94,10 @@ class Collate:
             return {"images": torch.empty(0), "indices": torch.empty(0, dtype=torch.long)}
         out = {}
         if "image" in items[0]:
-            out["images"] = torch.stack([x["image"] for x in items])
+            images = [x["image"] for x in items]
+            pinned = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype,
+                                 pin_memory=True) if self.pin_images else None
+            out["images"] = torch.stack(images, out=pinned)
         if "input_ids" in items[0]:
             seqs = [x["input_ids"] for x in items]
             length = max(len(s) for s in seqs)
@@ -437,6 +443,12 @@ def _truncation_problems(captions, file: str, name: str) -> list[Problem]:
             for row in tokens.truncated_rows.tolist()]
 
 
+def _image_collate(cfg, tokenizer, cache: ImageCache | None) -> Collate:
+    """With the cache (loaded in the main process) on a CUDA machine: batches gathered into pinned memory."""
+    pin = cache is not None and bool(cfg.data.pin_memory) and torch.cuda.is_available()
+    return Collate(tokenizer.pad_token_id, pin_images=pin)
+
+
 def _loader_options(cfg, cache: ImageCache | None) -> dict:
     """Worker settings of the image loaders. With the cache an item is a tensor slice: worker processes
     would only add overhead, so it is loaded in the main process."""
@@ -461,7 +473,8 @@ def build_eval_split(name: str, records: list[Record], tokenizer, cfg, mean: Seq
     collate = Collate(tokenizer.pad_token_id)
     bs = batch_size or cfg.eval.batch_size
     return EvalSplit(name, images, captions,
-                     DataLoader(images, batch_size=bs, shuffle=False, collate_fn=collate, **_loader_options(cfg, cache)),
+                     DataLoader(images, batch_size=bs, shuffle=False, collate_fn=_image_collate(cfg, tokenizer, cache),
+                                **_loader_options(cfg, cache)),
                      DataLoader(captions, batch_size=bs, shuffle=False, collate_fn=collate))
 
 
@@ -476,7 +489,6 @@ def build_loaders(cfg, annotations: Annotations, tokenizer, mean: Sequence[float
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     if cfg.optim.batch_size % world:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not divisible by {world} processes")
-    collate = Collate(tokenizer.pad_token_id)
     eval_records = annotations.val + annotations.test
     cache = augment = None
     if dc.cache_images:
@@ -494,8 +506,8 @@ def build_loaders(cfg, annotations: Annotations, tokenizer, mean: Sequence[float
         order = dict(sampler=sampler)
     else:
         order = dict(shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
-    train = DataLoader(train_set, batch_size=cfg.optim.batch_size // world, drop_last=True, collate_fn=collate,
-                       **order, **_loader_options(cfg, cache))
+    train = DataLoader(train_set, batch_size=cfg.optim.batch_size // world, drop_last=True,
+                       collate_fn=_image_collate(cfg, tokenizer, cache), **order, **_loader_options(cfg, cache))
     if len(train) == 0:
         raise DataError(f"{len(train_set)} training captions make no full batch of {cfg.optim.batch_size // world}")
     val = build_eval_split("val", annotations.val, tokenizer, cfg, mean, std, cache) if annotations.val else None

@@ -9,11 +9,11 @@ input_ids/attention_mask (B,L) -> T (B, L_max, dim), L_max = the batch's longest
   (`model.text_dropout_in_train`): BERT follows the model's train()/eval(), so its dropout 0.1 is
   active in training; with the key false BERT stays in eval mode.
 - BiLSTM (`lstm`): 1 layer, hidden `dim` per direction, no bias, packed by the caption lengths, the
-  two directions averaged (not concatenated).
+  two directions averaged (not concatenated). With `model.lstm: false` a Linear hidden->dim (`proj`)
+  replaces it and padded steps are zeroed by the mask.
 - Lengths: packing needs them on the CPU. The training and evaluation loops pass the collate function's
   `lengths` (computed on the CPU when the batch is built), so the step never copies the device mask back
-  to the host (a GPU->CPU sync that would stall the step); without them they are counted from the mask. With `model.lstm: false` a Linear hidden->dim (`proj`)
-  replaces it and padded steps are zeroed by the mask.
+  to the host (a GPU->CPU sync that would stall the step); without them they are counted from the mask.
 """
 from __future__ import annotations
 
