@@ -88,7 +88,7 @@ def build(args) -> None:
                 yield torch.nn.functional.normalize(x, dim=1).half()
                 if i // block % 8 == 0:
                     print(f"  generated {min(n, i + block)} / {n} rows ({time.perf_counter() - t0:.0f} s)", flush=True)
-        w.write_embeddings(blocks(), "fp16")
+        w.write_embeddings(blocks(), "fp16", total=n)
         t_gen = time.perf_counter() - t0
         ids = np.arange(n)
         paths = w.open_array("col-path.npy", (n,), "S22")

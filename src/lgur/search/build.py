@@ -200,7 +200,7 @@ def _merge(writer, old, rel, reuse, dataset, data, world, dtype, fingerprint, ch
                 block[torch.from_numpy(m)] = sources[int(k)].take(torch.from_numpy(rr[m])).to(block.dtype)
             yield block
 
-    writer.write_embeddings(blocks(), dtype, SHARD_ROWS)
+    writer.write_embeddings(blocks(), dtype, SHARD_ROWS, total=len(order))
     del parts, sources
     for p in list(data.glob("part-*")):
         p.unlink()

@@ -124,7 +124,8 @@ def filter_from_request(body: dict) -> Filter:
     "after"/"before" (Unix seconds or ISO 8601 strings); absent or null = no filter. Raises SearchError
     with a readable message (answer 422)."""
     where = body.get("where")
-    if where is not None and not (isinstance(where, str) or (isinstance(where, list) and all(isinstance(w, str) for w in where))):
+    strings = isinstance(where, list) and all(isinstance(w, str) for w in where)
+    if where is not None and not (isinstance(where, str) or strings):
         raise SearchError("where: a string or a list of strings such as [\"camera=3\"]")
     if isinstance(where, list) and len(where) > MAX_CLAUSES:
         raise SearchError(f"where: at most {MAX_CLAUSES} clauses")

@@ -255,7 +255,10 @@ def read_sidecar(path: str | Path) -> dict[str, dict]:
             check_column_name(k)
             if isinstance(v, str) and k != "time":
                 with contextlib.suppress(ValueError):
-                    v = int(v) if re.fullmatch(r"-?\d{1,18}", v) else float(v) if re.fullmatch(r"-?[\d.]+(e-?\d+)?", v) else v
+                    if re.fullmatch(r"-?\d{1,18}", v):
+                        v = int(v)
+                    elif re.fullmatch(r"-?[\d.]+(e-?\d+)?", v):
+                        v = float(v)
             if isinstance(v, (dict, list)):
                 raise SearchError(f"--meta: {path}, {rel}: field {k!r} must be a number or a string")
             fields[k] = parse_time(v) if k == "time" and v not in (None, "") else (None if v == "" else v)
@@ -423,7 +426,7 @@ class GalleryIndex:
     def save(self, path: str | Path) -> Path:
         """Write this (in-memory) index to `path` atomically (see the module docstring)."""
         with IndexWriter(path) as w:
-            w.write_embeddings(self.store.blocks(SHARD_ROWS), self.manifest["dtype"])
+            w.write_embeddings(self.store.blocks(SHARD_ROWS), self.manifest["dtype"], total=len(self.store))
             w.write_rows(self.files)
             if self.components is not None:
                 w.write_array("pca.npy", self.components.float().numpy())
@@ -473,6 +476,12 @@ def clean_stale(path: Path) -> list[str]:
     return removed
 
 
+def _as_store_array(b, dtype: str) -> np.ndarray:
+    if isinstance(b, torch.Tensor):
+        return b.detach().cpu().to(STORE_DTYPES[dtype]).numpy()
+    return np.asarray(b, NP_DTYPES[dtype])
+
+
 class IndexWriter:
     """Writes one new version of the index at `path` and makes it current with `commit(manifest)`.
 
@@ -500,7 +509,8 @@ class IndexWriter:
         if path.exists() and not path.is_dir():
             raise SearchError(f"{path} exists and is not an lgur index; refusing to replace it")
         if path.is_dir() and not (path / "manifest.json").is_file():
-            foreign = [p.name for p in path.iterdir() if not (p.name == ".lock" or p.name.startswith(("data-", ".manifest.json.tmp")))]
+            foreign = [p.name for p in path.iterdir()
+                       if not (p.name == ".lock" or p.name.startswith(("data-", ".manifest.json.tmp")))]
             if foreign:
                 raise SearchError(f"{path} exists and is not an lgur index (it holds {foreign[0]!r}, ...); "
                                   f"refusing to replace it")
@@ -534,9 +544,14 @@ class IndexWriter:
         """A new array file to fill in place (np.lib.format.open_memmap); flushed by commit."""
         return np.lib.format.open_memmap(self.data / name, mode="w+", dtype=dtype, shape=tuple(shape))
 
-    def write_embeddings(self, blocks: Iterable, dtype: str, shard_rows: int = SHARD_ROWS) -> None:
-        """Embedding rows in order, from blocks of any size, into shards of `shard_rows` rows."""
+    def write_embeddings(self, blocks: Iterable, dtype: str, shard_rows: int = SHARD_ROWS,
+                         total: int | None = None) -> None:
+        """Embedding rows in order, from blocks of any size, into shards of `shard_rows` rows. With `total`
+        (the row count, when known) every block goes straight into its memory-mapped shard file, so no more
+        than one block is in memory; without it a shard's rows are held until the shard is full."""
         self.dtype = dtype
+        if total is not None:
+            return self._stream_embeddings(blocks, dtype, shard_rows, int(total))
         pending, held = [], 0
 
         def flush(final: bool):
@@ -558,13 +573,43 @@ class IndexWriter:
                 self.shards.append({"file": name, "rows": int(take)})
 
         for b in blocks:
-            b = b.detach().cpu().to(STORE_DTYPES[dtype]).numpy() if isinstance(b, torch.Tensor) else np.asarray(b, NP_DTYPES[dtype])
+            b = _as_store_array(b, dtype)
             if len(b):
                 pending.append(b)
                 held += len(b)
                 flush(False)
         flush(True)
         self.count = sum(s["rows"] for s in self.shards)
+
+    def _stream_embeddings(self, blocks: Iterable, dtype: str, shard_rows: int, total: int) -> None:
+        sizes = [min(shard_rows, total - i) for i in range(0, total, shard_rows)]
+        shard, filled, dim = -1, 0, None
+        current = None
+        written = 0
+        for b in blocks:
+            b = _as_store_array(b, dtype)
+            while len(b):
+                if current is None or filled == sizes[shard]:
+                    if current is not None:
+                        current.flush()
+                    shard += 1
+                    if shard >= len(sizes):
+                        raise SearchError(f"IndexWriter: more embedding rows than the {total} announced")
+                    dim = b.shape[1]
+                    name = f"emb-{shard:05d}.npy"
+                    current = self.open_array(name, (sizes[shard], dim), NP_DTYPES[dtype])
+                    self.shards.append({"file": name, "rows": sizes[shard]})
+                    filled = 0
+                take = min(len(b), sizes[shard] - filled)
+                current[filled:filled + take] = b[:take]
+                filled += take
+                written += take
+                b = b[take:]
+        if current is not None:
+            current.flush()
+        if written != total:
+            raise SearchError(f"IndexWriter: {written} embedding rows written, {total} announced")
+        self.count = total
 
     def write_rows(self, rows: Rows) -> None:
         for name, kind in rows.kinds.items():
