@@ -183,10 +183,15 @@ class TextEncoder(nn.Module):
         """BERT's attention mask, decided on the CPU lengths. Given the 2-D mask, transformers asks
         `mask.all()` to skip the mask when nothing is padded: a device->host sync in every forward.
         Here: None when no caption is padded (the same skip), else the 4-D mask transformers builds for
-        the configured attention implementation, made without that check."""
+        the configured attention implementation, made without that check. A backbone that is not a
+        transformers model gets the 2-D mask unchanged."""
+        from transformers import PreTrainedModel
+        from transformers.masking_utils import create_bidirectional_mask
+
+        if not isinstance(self.backbone, PreTrainedModel):
+            return attention_mask
         if bool((lengths == attention_mask.shape[1]).all()):  # CPU tensor: no sync
             return None
-        from transformers.masking_utils import create_bidirectional_mask
 
         b, length = attention_mask.shape
         shape_only = torch.empty((b, length, 0), dtype=self.backbone.get_input_embeddings().weight.dtype,
