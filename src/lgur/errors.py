@@ -15,3 +15,7 @@ class ConfigError(LgurError):
 
 class WeightsError(LgurError):
     """A pretrained/checkpoint file that does not match the model it is loaded into."""
+
+
+class SearchError(LgurError):
+    """A missing/corrupt index, an index built by another model, or a search request that cannot run."""

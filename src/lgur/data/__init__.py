@@ -15,6 +15,7 @@ _LAZY = {name: ("datasets", name) for name in ("build_loaders", "build_eval_spli
                                                "Collate", "ImageCache")}
 _LAZY |= {name: ("transforms", name) for name in ("DeviceAugment", "build_train_transform", "build_test_transform")}
 _LAZY["generate_synthetic"] = ("synth", "generate")
+_LAZY["load_tokenizer"] = ("tokenizer", "load_tokenizer")
 
 _lazy_names, __getattr__ = lazy_exports(__name__, _LAZY)
 __all__ = ["Annotations", "Problem", "Problems", "Record", "load_annotations", *_lazy_names]

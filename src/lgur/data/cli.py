@@ -59,7 +59,7 @@ def data_check(args: argparse.Namespace) -> int:
         note = "  (none in this dataset)" if s == "val" and not c["images"] else ""
         print(f"{s:<7}{c['images']:>9}{c['captions']:>10}{c['ids']:>7}{note}")
 
-    from lgur.models.backbones.text import load_tokenizer
+    from lgur.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer or cfg.model.tokenizer)
     long = {s: sum(n > max_tokens for n in caption_token_lengths([c for r in ann.split(s) for c in r.captions],

@@ -188,7 +188,7 @@ def convert_official(src: str | Path, dst: str | Path, config: str | Path | None
     `config`/`overrides` give what the weights cannot tell (backbone names, image size, head counts);
     the defaults are the official model. Unmapped official keys raise unless `ignore_unmapped`.
     """
-    from lgur.checkpoint import save_model
+    from lgur.models.checkpoint import save_model
     from lgur.models.lgur import build_model
 
     network, classifiers, extra = read_official_checkpoint(src)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from lgur._lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
-    "GalleryIndex": "index", "build_index": "index", "BuildReport": "index", "SearchError": "index",
+    "GalleryIndex": "index", "build_index": "build", "BuildReport": "index", "SearchError": "index",
     "Rows": "index", "IndexWriter": "index", "PathPattern": "index", "read_sidecar": "index", "Filter": "filters",
     "Searcher": "searcher", "Hit": "searcher", "QueryResult": "searcher",
     "ExactSearch": "topk", "TwoStageSearch": "ann", "write_html": "sheet", "write_png": "sheet",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lgur.errors import SearchError
 from lgur.search.topk import ExactSearch, Shards, rescore
 
 ANN_KINDS = ("ivfpq", "hnsw")
@@ -295,8 +296,6 @@ def attach_reduction(store, manifest: dict, writer, pca_dim: int | None, ann_kin
     components = reduced = None
     if pca_dim:
         if not 0 < int(pca_dim) < d:
-            from lgur.search.index import SearchError
-
             raise SearchError(f"--pca must be between 1 and {d - 1} (the embedding has {d} dims), got {pca_dim}")
         components = fit_pca(store, int(pca_dim))
         writer.write_array("pca.npy", components.numpy())

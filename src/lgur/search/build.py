@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from lgur.search.index import (BASE_COLUMNS, SHARD_ROWS, STORE_DTYPES, BuildReport, GalleryIndex, IndexWriter, Rows,
-                               SearchError, _metadata_columns, _previous, _stat, column_array)
+                               MetadataSource, SearchError, _metadata_columns, _previous, _stat, column_array)
 from lgur.search.paths import split_gallery
 from lgur.search.topk import Shards
 
@@ -57,7 +57,7 @@ def _all_ok(ok: bool, env) -> bool:
 def build(checkpoint, images, out, dtype="fp16", batch_size=64, num_workers=2, device=None, ann=None, pca=None,
           search_cfg=None, progress=True, metadata=None,
           follow_symlinks=False) -> tuple[GalleryIndex | None, BuildReport]:
-    """See lgur.search.index.build_index. Under torchrun every rank calls this; rank 0 returns the index,
+    """See build_index below. Under torchrun every rank calls this; rank 0 returns the index,
     the others (None, their report)."""
     from lgur.engine.distributed import init_distributed, teardown
 
@@ -239,3 +239,37 @@ def _merge(writer, old, rel, reuse, dataset, data, world, dtype, fingerprint, ch
 def _written_store(writer: IndexWriter, dim: int, dtype: str) -> Shards:
     return Shards([torch.from_numpy(np.load(writer.data / s["file"], mmap_mode="c", allow_pickle=False))
                    for s in writer.shards], mapped=True)
+
+
+def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, dtype: str = "fp16",
+                batch_size: int = 64, num_workers: int = 2, device: str | None = None, ann: str | None = None,
+                pca: int | None = None, search_cfg=None, progress: bool = True,
+                metadata: MetadataSource | list = None,
+                follow_symlinks: bool = False) -> tuple[GalleryIndex, BuildReport]:
+    """Create or update the index at `out` for every image under `images`, encoded by `checkpoint`.
+
+    Files whose real location is outside `images` (symlinks) are skipped and reported (BuildReport.outside,
+    the manifest's `skipped`), unless follow_symlinks.
+
+    ann/pca: build an ANN index (ivfpq | hnsw) and/or a PCA reduction; None keeps what the previous index
+    had (an update rebuilds them on the new rows), "none"/0 removes them.
+
+    metadata: per-row metadata columns (filterable by `lgur search --where/--after/--before`): a callable
+    `f(relative_path) -> {column: value}`, a dict {relative_path: {column: value}}, or a list of those
+    (later ones override). Values: int, float, str or None (missing). A column named `time` holds Unix
+    seconds (what --after/--before compare). `PathPattern` and `read_sidecar` make the usual sources.
+
+    How a producer of crops (e.g. video ingestion) attaches its columns: write each crop as a file under
+    the images folder and pass a dict keyed by the crop's relative path, e.g.
+        {"cam3/vid01/f000120_t2.jpg": {"video": "cam3/vid01.mp4", "frame": 120, "t": 4.0, "time": 1764338400.0,
+                                        "x1": 10, "y1": 20, "x2": 74, "y2": 212, "track": 2, "camera": "cam3"}}
+    Rows whose file is unchanged and that the producer does not mention keep their stored values, so an
+    incremental run only needs the new crops' metadata. Read them back with `index.files[i]` (a dict) or
+    `index.files.columns[name]` (an array).
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this with the same arguments: the files to encode
+    are split across ranks, each writes its own shard, rank 0 merges them (see `build` above).
+    """
+    return build(checkpoint, images, out, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device,
+                 ann=ann, pca=pca, search_cfg=search_cfg, progress=progress, metadata=metadata,
+                 follow_symlinks=follow_symlinks)

@@ -97,7 +97,8 @@ def index_cmd(args: argparse.Namespace) -> int:
 
         return relaunch(args.nproc, strip_nproc(sys.argv[1:]))
     from lgur.config import defaults
-    from lgur.search.index import PathPattern, build_index, read_sidecar
+    from lgur.search.build import build_index
+    from lgur.search.index import PathPattern, read_sidecar
 
     scfg = defaults().search
     metadata = [PathPattern(args.meta_pattern)] if args.meta_pattern else []

@@ -45,7 +45,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
-from lgur.errors import LgurError
+from lgur.errors import SearchError  # also re-exported from here (it lived here)
 from lgur.search.paths import manifest_paths_problems
 from lgur.search.topk import Shards
 
@@ -63,10 +63,6 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 _DATA = re.compile(r"data-[0-9a-f]{1,40}\Z")
 _SHARD = re.compile(r"emb-\d{5}\.npy\Z")
 _OLD_FILES = ("embeddings.safetensors", "pca.safetensors", "ann.faiss")  # lgur-index-1's data files
-
-
-class SearchError(LgurError):
-    """A missing/corrupt index, an index built by another model, or a search request that cannot run."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -764,37 +760,11 @@ def _metadata_columns(rel: list[str], metadata: MetadataSource | list, old: Gall
     return cols
 
 
-def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, dtype: str = "fp16",
-                batch_size: int = 64, num_workers: int = 2, device: str | None = None, ann: str | None = None,
-                pca: int | None = None, search_cfg=None, progress: bool = True,
-                metadata: MetadataSource | list = None,
-                follow_symlinks: bool = False) -> tuple[GalleryIndex, BuildReport]:
-    """Create or update the index at `out` for every image under `images`, encoded by `checkpoint`.
 
-    Files whose real location is outside `images` (symlinks) are skipped and reported (BuildReport.outside,
-    the manifest's `skipped`), unless follow_symlinks.
+def __getattr__(name: str):
+    """`build_index` lives in lgur.search.build (building imports this module); kept importable from here."""
+    if name == "build_index":
+        from lgur.search.build import build_index
 
-    ann/pca: build an ANN index (ivfpq | hnsw) and/or a PCA reduction; None keeps what the previous index
-    had (an update rebuilds them on the new rows), "none"/0 removes them.
-
-    metadata: per-row metadata columns (filterable by `lgur search --where/--after/--before`): a callable
-    `f(relative_path) -> {column: value}`, a dict {relative_path: {column: value}}, or a list of those
-    (later ones override). Values: int, float, str or None (missing). A column named `time` holds Unix
-    seconds (what --after/--before compare). `PathPattern` and `read_sidecar` make the usual sources.
-
-    How a producer of crops (e.g. video ingestion) attaches its columns: write each crop as a file under
-    the images folder and pass a dict keyed by the crop's relative path, e.g.
-        {"cam3/vid01/f000120_t2.jpg": {"video": "cam3/vid01.mp4", "frame": 120, "t": 4.0, "time": 1764338400.0,
-                                        "x1": 10, "y1": 20, "x2": 74, "y2": 212, "track": 2, "camera": "cam3"}}
-    Rows whose file is unchanged and that the producer does not mention keep their stored values, so an
-    incremental run only needs the new crops' metadata. Read them back with `index.files[i]` (a dict) or
-    `index.files.columns[name]` (an array).
-
-    Under torchrun (WORLD_SIZE > 1) every rank calls this with the same arguments: the files to encode
-    are split across ranks, each writes its own shard, rank 0 merges them (see lgur.search.build).
-    """
-    from lgur.search.build import build
-
-    return build(checkpoint, images, out, dtype=dtype, batch_size=batch_size,
-                                num_workers=num_workers, device=device, ann=ann, pca=pca, search_cfg=search_cfg,
-                                progress=progress, metadata=metadata, follow_symlinks=follow_symlinks)
+        return build_index
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

