@@ -7,7 +7,7 @@ edges of the graph: those inside a module-level `__getattr__` (a re-export kept 
 attribute access) and `if TYPE_CHECKING:` blocks.
 
 Layers (a module may import its own layer and the ones below it):
-    0 base: lgur, errors, config, _lazy, files
+    0 base: lgur, errors, config, _lazy, files, runtime
     1 data          2 models (+ lgur.checkpoint, its public name)
     3 losses, eval  4 engine          5 search (+ export)
 The command line sits on top: lgur.cli, lgur.__main__ and lgur.demo may import anything. An area's own
@@ -26,7 +26,7 @@ import lgur
 from lgur import _lazy
 
 SRC = Path(lgur.__file__).resolve().parent
-BASE = {"lgur", "lgur.errors", "lgur.config", "lgur._lazy", "lgur.files"}
+BASE = {"lgur", "lgur.errors", "lgur.config", "lgur._lazy", "lgur.files", "lgur.runtime"}
 LAYER_OF_AREA = {"data": 1, "models": 2, "checkpoint": 2, "losses": 3, "eval": 3, "engine": 4, "search": 5,
                  "export": 5}
 TOP = 6
@@ -49,7 +49,7 @@ def is_cli(name: str) -> bool:
 def layer(name: str) -> int:
     if name in ("lgur.cli", "lgur.__main__", "lgur.demo"):
         return TOP
-    if name in BASE or name.split(".")[1] in ("runtime",):
+    if name in BASE:
         return 0
     area = name.split(".")[1]
     if area not in LAYER_OF_AREA:

@@ -96,7 +96,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from lgur.checkpoint import load_model
     from lgur.data.annotations import load_annotations
-    from lgur.engine.distributed import resolve_device
+    from lgur.runtime import resolve_device
     from lgur.engine.evaluation import build_eval_split, evaluate, format_table
     from lgur.engine.precision import resolve_amp
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lgur.errors import ConfigError
+from lgur.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -31,20 +32,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world > 1
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """cfg.device (auto | cpu | cuda | cuda:N) -> a device; `cuda` under torchrun means this rank's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available (use device=cpu or device=auto)")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name!r} is not cpu, cuda, cuda:N or auto") from None
 
 
 def init_distributed(device_name: str) -> DistEnv:

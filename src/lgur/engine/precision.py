@@ -10,11 +10,10 @@
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from lgur.errors import ConfigError
+from lgur.runtime import autocast, cpu_has_fast_bf16  # noqa: F401  (autocast: re-exported for the engine)
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
@@ -34,19 +33,6 @@ def resolve_amp(mode: str | bool | None, device: torch.device) -> torch.dtype | 
     if mode == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError("train.amp=bf16: this GPU has no bfloat16 support (use fp16 or auto)")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX tiles (torch exposes the checks privately; absent means no)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """torch.autocast for the dtype, or a no-op context for float32."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:

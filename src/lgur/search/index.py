@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from lgur.errors import SearchError  # also re-exported from here (it lived here)
+from lgur.runtime import autocast
 from lgur.search.paths import manifest_paths_problems
 from lgur.search.topk import Shards
 
@@ -712,7 +713,7 @@ def encode_files(model, dataset, positions: list[int], batch_size: int, num_work
                         collate_fn=Collate(pad_id=0), pin_memory=device.type == "cuda")
     embs, done = [], []
     # bf16 autocast on CUDA (fast, and the rows are stored in fp16 anyway); plain fp32 on CPU
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    amp = autocast(device, torch.bfloat16 if device.type == "cuda" else None)
     bar = tqdm(total=len(positions), desc="encoding images", unit="img", disable=not progress)
     with torch.no_grad(), amp, bar:
         for batch in loader:

@@ -18,6 +18,7 @@ from typing import Callable, Collection, Sequence
 import numpy as np
 import torch
 
+from lgur.runtime import resolve_device
 from lgur.search.index import BASE_COLUMNS, GalleryIndex, SearchError
 from lgur.search.topk import torch_threads
 
@@ -110,7 +111,7 @@ class Searcher:
         if images_root is not None:
             self.index.manifest["images_root"] = str(Path(images_root).expanduser().resolve())
         checkpoint = Path(checkpoint or self.index.checkpoint)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         # the fingerprint is computed from the loaded tensors and config, not read from metadata
         self.model, _, meta = load_model(checkpoint, device=self.device)
         fingerprint = meta["fingerprint"]

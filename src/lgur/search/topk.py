@@ -18,6 +18,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from lgur.runtime import cpu_has_fast_bf16
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MAX_SCORES = 1 << 26  # elements of one score buffer (256 MB in fp32)
 
@@ -47,7 +49,7 @@ def batch_compute_dtype(device: torch.device) -> torch.dtype:
     matmul (AVX512-BF16/AMX), else fp32."""
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
 
