@@ -142,3 +142,98 @@ def test_explanation_picture(tiny_searcher, tmp_path):
     png = write_explanation_png(ex, crops, tmp_path / "ex.png")
     assert Image.open(png).width >= 640
     assert words_html(ex).count("<span") == len(ex.words)
+
+
+# ---- maps stored at index time (maps.npy), read back at query time instead of an image forward
+
+def _forward_maps(searcher, ids):
+    from lgur.search.explain import _image_batch
+
+    images, _ = _image_batch(searcher, ids)
+    return image_evidence(searcher.model, images)
+
+
+def test_maps_stored_by_the_index_equal_a_recorded_forward(tiny_searcher, monkeypatch):
+    import numpy as np
+
+    from lgur.search import explain as search_explain
+
+    idx = tiny_searcher.index
+    assert idx.manifest["explain_maps"] == {"grid": [8, 4], "parts": 6, "part_attention": True, "foreground": True}
+    assert idx.maps.shape == (len(idx), 7, 32) and idx.maps.dtype == np.float16
+    ids = [0, 5, len(idx) - 1]
+    ev = _forward_maps(tiny_searcher, ids)
+    # query time must not run the image encoder when the index holds the maps
+    monkeypatch.setattr(search_explain, "image_evidence", lambda *a: pytest.fail("image forward at query time"))
+    pas, fgs = search_explain.hit_maps(tiny_searcher, ids)
+    for j in range(len(ids)):  # fp16 storage: values in [0, 1], half-precision rounding (rel 2^-11) only
+        np.testing.assert_allclose(pas[j], ev.part_attention[j].numpy(), atol=1e-3, rtol=0)
+        np.testing.assert_allclose(fgs[j], ev.foreground[j].numpy(), atol=1e-3, rtol=0)
+        np.testing.assert_allclose(pas[j].sum(axis=(1, 2)), np.ones(6), atol=1e-2)
+
+
+def test_index_without_maps_and_incremental_updates(tiny_searcher, tmp_path, monkeypatch):
+    import shutil
+
+    import numpy as np
+
+    from lgur.search import explain as search_explain
+    from lgur.search.index import build_index
+    from lgur.search.searcher import Searcher
+
+    src = tiny_searcher.index
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        shutil.copy(src.file(i), imgs / f"{i}.jpg")
+    ckpt = src.checkpoint
+    out = tmp_path / "g.lgidx"
+    idx, _ = build_index(ckpt, imgs, out, num_workers=0, progress=False, explain_maps=False)
+    assert idx.maps is None and idx.manifest["explain_maps"] is None
+    s = Searcher(out)
+    pas, fgs = search_explain.hit_maps(s, [0, 1])  # falls back to a recorded forward
+    ev = _forward_maps(s, [0, 1])
+    np.testing.assert_allclose(pas[1], ev.part_attention[1].numpy(), atol=1e-6)
+
+    # update with maps on: rows reused from the map-less index have none (NaN), the new file has its own
+    shutil.copy(src.file(4), imgs / "4.jpg")
+    idx, report = build_index(ckpt, imgs, out, num_workers=0, progress=False)
+    assert (report.kept, report.added) == (4, 1)
+    assert np.isnan(idx.maps[:4].astype(np.float32)).all() and not np.isnan(idx.maps[4].astype(np.float32)).any()
+    s = Searcher(out)
+    pas, _ = search_explain.hit_maps(s, [0, 4])
+    ev = _forward_maps(s, [0, 4])
+    for j in range(2):
+        np.testing.assert_allclose(pas[j], ev.part_attention[j].numpy(), atol=1e-3)
+
+    # rebuild all with maps, then an update keeps the reused rows' maps byte for byte
+    shutil.rmtree(out)
+    idx, _ = build_index(ckpt, imgs, out, num_workers=0, progress=False)
+    before = np.array(idx.maps)
+    shutil.copy(src.file(5), imgs / "5.jpg")
+    (imgs / "0.jpg").unlink()
+    idx, report = build_index(ckpt, imgs, out, num_workers=0, progress=False)
+    assert (report.kept, report.added, report.removed) == (4, 1, 1)
+    assert np.array_equal(np.array(idx.maps[:4]), before[1:]) and not np.isnan(idx.maps[4].astype(np.float32)).any()
+    # an update that encodes nothing keeps them too
+    idx, report = build_index(ckpt, imgs, out, num_workers=0, progress=False)
+    assert report.added == 0 and np.array_equal(np.array(idx.maps[:4]), before[1:])
+
+
+def test_edited_maps_are_refused(tiny_searcher, tmp_path):
+    import json
+    import shutil
+
+    from lgur.search.index import GalleryIndex, SearchError
+
+    out = tmp_path / "copy.lgidx"
+    shutil.copytree(tiny_searcher.index.path, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["explain_maps"]["grid"] = [8, 8]  # does not fit the stored array
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SearchError, match="explanation maps"):
+        GalleryIndex.load(out)
+    m["explain_maps"]["grid"] = "x"
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SearchError, match="explain_maps"):
+        GalleryIndex.load(out)

@@ -109,6 +109,42 @@ def image_evidence(model: LGUR, images: torch.Tensor) -> ImageEvidence:
         grid=grid)
 
 
+# ---- maps stored in a gallery index (lgur.search.index: maps.npy, manifest "explain_maps")
+# One row per image, (K + 1, h * w): the K part maps then the foreground gate, fp16; a component the model does
+# not have is NaN (the manifest says which exist); a row that is NaN throughout has no maps (it was reused from an
+# index built without them) and is explained by a recorded forward instead.
+
+def pack_maps(ev: ImageEvidence, num_parts: int) -> torch.Tensor | None:
+    """ImageEvidence -> (B, K + 1, h * w) fp32 rows for the index, or None when the model has no maps."""
+    if ev.part_attention is None and ev.foreground is None:
+        return None
+    b, (h, w) = ev.embeddings.shape[0], ev.grid
+    out = torch.full((b, num_parts + 1, h * w), float("nan"))
+    if ev.part_attention is not None:
+        out[:, :num_parts] = ev.part_attention.float().reshape(b, num_parts, h * w).cpu()
+    if ev.foreground is not None:
+        out[:, num_parts] = ev.foreground.float().reshape(b, h * w).cpu()
+    return out
+
+
+def maps_layout(ev: ImageEvidence, num_parts: int) -> dict:
+    """The manifest's "explain_maps" entry for rows packed from `ev`."""
+    return {"grid": list(ev.grid), "parts": num_parts, "part_attention": ev.part_attention is not None,
+            "foreground": ev.foreground is not None}
+
+
+def unpack_maps(rows, layout: dict) -> tuple:
+    """Stored rows (n, K + 1, h * w) -> (part attention (n, K, h, w) | None, foreground (n, h, w) | None) as fp32
+    numpy, None for a component the layout lacks."""
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.float32)
+    (h, w), k = layout["grid"], layout["parts"]
+    pa = rows[:, :k].reshape(len(rows), k, h, w) if layout.get("part_attention") else None
+    fg = rows[:, k].reshape(len(rows), h, w) if layout.get("foreground") else None
+    return pa, fg
+
+
 def _words(tokenizer, caption: str, max_tokens: int) -> tuple[list[str], list[int | None]]:
     """The caption's words (as written) and, per token position, the index of its word (None for specials)."""
     enc = tokenizer(caption, truncation=True, max_length=max_tokens, return_offsets_mapping=True)

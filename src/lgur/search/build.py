@@ -56,7 +56,7 @@ def _all_ok(ok: bool, env) -> bool:
 
 def build(checkpoint, images, out, dtype="fp16", batch_size=64, num_workers=2, device=None, ann=None, pca=None,
           search_cfg=None, progress=True, metadata=None,
-          follow_symlinks=False) -> tuple[GalleryIndex | None, BuildReport]:
+          follow_symlinks=False, explain_maps=True) -> tuple[GalleryIndex | None, BuildReport]:
     """See build_index below. Under torchrun every rank calls this; rank 0 returns the index,
     the others (None, their report)."""
     from lgur.engine.distributed import init_distributed, teardown
@@ -64,7 +64,7 @@ def build(checkpoint, images, out, dtype="fp16", batch_size=64, num_workers=2, d
     env = init_distributed(device or "auto")
     try:
         result = _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pca, search_cfg,
-                        progress, metadata, follow_symlinks)
+                        progress, metadata, follow_symlinks, explain_maps)
     except BaseException:
         if env.distributed:  # a peer may be gone: no barrier, just leave the group
             import torch.distributed as dist
@@ -77,7 +77,7 @@ def build(checkpoint, images, out, dtype="fp16", batch_size=64, num_workers=2, d
 
 
 def _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pca, search_cfg, progress, metadata,
-           follow_symlinks=False):
+           follow_symlinks=False, explain_maps=True):
     from lgur.checkpoint import load_model
     from lgur.config import defaults
     from lgur.data import ImageFolderSet, build_test_transform
@@ -119,8 +119,10 @@ def _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pc
         share = todo[env.rank * len(todo) // env.world:(env.rank + 1) * len(todo) // env.world]
         ok, err = True, ""
         try:
+            maps_out = {} if explain_maps else None
             emb, done = index_mod.encode_files(model, dataset, share, batch_size, num_workers, env.device,
-                                               progress and env.main)
+                                               progress and env.main, maps_out=maps_out)
+            _save_part_maps(data, env.rank, maps_out)
             part = data / f"part-{env.rank:05d}.npy"
             with open(part, "wb") as f:
                 np.save(f, emb.to(STORE_DTYPES[dtype]).numpy(), allow_pickle=False)
@@ -136,7 +138,7 @@ def _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pc
         if not env.main:
             return None, report
         index = _merge(writer, old, rel, reuse, dataset, data, env.world, dtype, fingerprint, checkpoint, root, cfg,
-                       report, ann, pca, scfg, metadata, verify_image)
+                       report, ann, pca, scfg, metadata, verify_image, explain_maps)
         report.seconds = time.perf_counter() - t0
         return index, report
     finally:
@@ -168,7 +170,7 @@ def _plan(out, fingerprint, root, dtype, dataset, rel, report):
 
 
 def _merge(writer, old, rel, reuse, dataset, data, world, dtype, fingerprint, checkpoint, root, cfg, report, ann,
-           pca, scfg, metadata, verify_image):
+           pca, scfg, metadata, verify_image, explain_maps=True):
     """Rank 0: reused rows + every rank's part, in path order, into the new version's shards; commit."""
     from lgur.search.ann import attach_reduction
 
@@ -202,6 +204,7 @@ def _merge(writer, old, rel, reuse, dataset, data, world, dtype, fingerprint, ch
 
     writer.write_embeddings(blocks(), dtype, SHARD_ROWS, total=len(order))
     del parts, sources
+    maps_layout = _merge_maps(writer, old, src, row, data, world) if explain_maps else None
     for p in list(data.glob("part-*")):
         p.unlink()
     stats = [_stat(dataset.paths[p]) for p in order]
@@ -228,12 +231,51 @@ def _merge(writer, old, rel, reuse, dataset, data, world, dtype, fingerprint, ch
                 "dim": int(dim), "model": {"name": cfg.model.name, "image_backbone": cfg.model.image_backbone,
                                            "text_backbone": cfg.model.text_backbone},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "skipped": report.outside + report.skipped,
-                "pca": None, "ann": None, "processes": world}
+                "pca": None, "ann": None, "processes": world, "explain_maps": maps_layout}
     store = _written_store(writer, dim, dtype)
     report.notes += attach_reduction(store, manifest, writer, pca_dim or None,
                                      None if ann_kind in (None, "none") else ann_kind, scfg)
     writer.commit(manifest)
     return GalleryIndex.load(writer.path)
+
+
+def _save_part_maps(data: Path, rank: int, maps_out: dict | None) -> None:
+    """This rank's explanation maps beside its embeddings (rows aligned with part-RANK.npy)."""
+    if maps_out and "maps" in maps_out:
+        with open(data / f"part-{rank:05d}-maps.npy", "wb") as f:
+            np.save(f, maps_out["maps"].numpy(), allow_pickle=False)
+        (data / f"part-{rank:05d}-maps.json").write_text(json.dumps(maps_out["layout"]))
+
+
+def _merge_maps(writer: IndexWriter, old, src: np.ndarray, row: np.ndarray, data: Path, world: int) -> dict | None:
+    """Rank 0: maps.npy for the output rows (`src`/`row` as in _merge: the old index or a rank's part). Reused
+    rows keep their stored maps; rows reused from an index without maps get NaN rows (explained by a forward at
+    query time). Returns the manifest entry, None when no row has maps (a model without PGU and FCR)."""
+    parts, layout = {}, None
+    for r in range(world):
+        if (data / f"part-{r:05d}-maps.npy").is_file():
+            parts[r] = np.load(data / f"part-{r:05d}-maps.npy", mmap_mode="r", allow_pickle=False)
+            layout = json.loads((data / f"part-{r:05d}-maps.json").read_text())
+    old_layout = old.manifest.get("explain_maps") if old is not None else None
+    if layout is None and not parts and not (src >= 0).any():  # nothing encoded: the old maps as they were
+        layout = old_layout
+    if layout is None:
+        return None
+    old_maps = old.maps if old is not None and old_layout == layout else None
+    (h, w), k = layout["grid"], layout["parts"]
+    out = writer.open_array("maps.npy", (len(src), k + 1, h * w), np.float16)
+    for b0 in range(0, len(src), MERGE_BLOCK):
+        s, rr = src[b0:b0 + MERGE_BLOCK], row[b0:b0 + MERGE_BLOCK]
+        block = np.full((len(s), k + 1, h * w), np.nan, dtype=np.float16)
+        for p in np.unique(s):
+            m = s == p
+            source = old_maps if p == -1 else parts.get(int(p))
+            if source is not None:
+                block[m] = source[rr[m]]
+        out[b0:b0 + len(s)] = block
+    out.flush()
+    del out, parts
+    return layout
 
 
 def _written_store(writer: IndexWriter, dim: int, dtype: str) -> Shards:
@@ -245,7 +287,7 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, dty
                 batch_size: int = 64, num_workers: int = 2, device: str | None = None, ann: str | None = None,
                 pca: int | None = None, search_cfg=None, progress: bool = True,
                 metadata: MetadataSource | list = None,
-                follow_symlinks: bool = False) -> tuple[GalleryIndex, BuildReport]:
+                follow_symlinks: bool = False, explain_maps: bool = True) -> tuple[GalleryIndex, BuildReport]:
     """Create or update the index at `out` for every image under `images`, encoded by `checkpoint`.
 
     Files whose real location is outside `images` (symlinks) are skipped and reported (BuildReport.outside,
@@ -267,9 +309,12 @@ def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, dty
     incremental run only needs the new crops' metadata. Read them back with `index.files[i]` (a dict) or
     `index.files.columns[name]` (an array).
 
+    explain_maps: also store each row's explanation maps (prototype attention + foreground gate, recorded by
+    the same forward; see lgur.models.explain) so that explaining a hit needs no image forward at query time.
+
     Under torchrun (WORLD_SIZE > 1) every rank calls this with the same arguments: the files to encode
     are split across ranks, each writes its own shard, rank 0 merges them (see `build` above).
     """
     return build(checkpoint, images, out, dtype=dtype, batch_size=batch_size, num_workers=num_workers, device=device,
                  ann=ann, pca=pca, search_cfg=search_cfg, progress=progress, metadata=metadata,
-                 follow_symlinks=follow_symlinks)
+                 follow_symlinks=follow_symlinks, explain_maps=explain_maps)

@@ -2,12 +2,16 @@
 
     from lgur.search.explain import explain_result
     [result] = searcher.search("a woman in a red coat", k=10)
-    ex = explain_result(searcher, result)          # one text forward + one image forward of the k hits
+    ex = explain_result(searcher, result)          # one recorded text forward + the index's stored maps
     ex.hits[0].parts[0]                            # the part that contributed most: contribution, top words
 
 Per hit: the K part contributions (they add up to the hit's score), each part's attention over the crop's
 patches and the foreground gate M (maps on the backbone's token grid). Per query: each part's attention over
 the query's words. `overlay` draws a map over the crop at the crop's own size.
+
+The image-side maps do not depend on the query: `lgur index` records them with the embeddings (maps.npy, fp16)
+and they are read from the index like the embeddings; only rows without stored maps (an index built with
+--no-explain-maps or by an older lgur) cost one recorded image forward of those crops.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 from PIL import Image
 
 from lgur.data.images import DECODE_ERRORS, load_rgb
-from lgur.models.explain import image_evidence, limitations, part_contributions, text_evidence
+from lgur.models.explain import image_evidence, limitations, part_contributions, text_evidence, unpack_maps
 
 # one colour per prototype part (tab10's first colours), used by the sheets and the web page alike
 PART_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -80,8 +84,9 @@ class QueryExplanation:
                 "reduction": self.reduction, "part_colors": PART_COLORS}
 
 
-def _image_batch(searcher, ids: Sequence[int]) -> tuple[torch.Tensor, list[bool]]:
-    """The hits' crops through the model's test transform (a blank image where a file cannot be read)."""
+def _image_batch(searcher, ids: Sequence[int], load=None) -> tuple[torch.Tensor, list[bool]]:
+    """The hits' crops through the model's test transform (a blank image where a file cannot be read).
+    load(id) -> PIL image (default: the index's file; the server passes one that stays inside the gallery)."""
     from lgur.checkpoint import read_metadata
     from lgur.data import build_test_transform
 
@@ -91,9 +96,9 @@ def _image_batch(searcher, ids: Sequence[int]) -> tuple[torch.Tensor, list[bool]
     tensors, ok = [], []
     for i in ids:
         try:
-            im = load_rgb(searcher.index.file(i))
+            im = load(i) if load is not None else load_rgb(searcher.index.file(i))
             ok.append(True)
-        except DECODE_ERRORS:
+        except (*DECODE_ERRORS, OSError, ValueError):
             im = Image.new("RGB", tuple(cfg.data.image_size[::-1]), (128, 128, 128))
             ok.append(False)
         tensors.append(transform(im))
@@ -101,14 +106,46 @@ def _image_batch(searcher, ids: Sequence[int]) -> tuple[torch.Tensor, list[bool]
 
 
 @torch.no_grad()
-def explain_hits(searcher, query: str, ids: Sequence[int]) -> QueryExplanation:
+def hit_maps(searcher, ids: Sequence[int], load=None) -> tuple[list, list]:
+    """Per id: its part attention (K, h, w) and foreground (h, w) as fp32 numpy (None where the model has none):
+    read from the index's stored maps; rows without stored maps from one recorded forward of their crops."""
+    model, index = searcher.model, searcher.index
+    pas: list = [None] * len(ids)
+    fgs: list = [None] * len(ids)
+    if not ids or (model.decoder is None and (model.dga is None or model.dga.gate is None)):
+        return pas, fgs
+    missing = list(range(len(ids)))
+    layout = index.manifest.get("explain_maps")
+    if index.maps is not None and layout:
+        rows = np.asarray(index.maps[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+        have = ~np.isnan(rows).all(axis=(1, 2))
+        pa, fg = unpack_maps(rows, layout)
+        for j in np.flatnonzero(have):
+            pas[j] = None if pa is None else pa[j]
+            fgs[j] = None if fg is None else fg[j]
+        missing = np.flatnonzero(~have).tolist()
+    if missing:
+        images, _ = _image_batch(searcher, [ids[j] for j in missing], load)
+        ev = image_evidence(model, images.to(next(model.parameters()).device))
+        for n, j in enumerate(missing):
+            pas[j] = None if ev.part_attention is None else ev.part_attention[n].float().cpu().numpy()
+            fgs[j] = None if ev.foreground is None else ev.foreground[n].float().cpu().numpy()
+    return pas, fgs
+
+
+@torch.no_grad()
+def explain_hits(searcher, query: str, ids: Sequence[int], load=None) -> QueryExplanation:
     """Explanations of gallery rows `ids` for `query`. Contributions come from the stored embeddings (so they
-    add up to the score the search reported); maps from one recorded forward of the hits' crops."""
+    add up to the score the search reported); maps from the index (see hit_maps)."""
     model = searcher.model
-    text = text_evidence(model, [query])
+    with _model_turn(searcher):
+        text = text_evidence(model, [query])
+        pas, fgs = hit_maps(searcher, list(ids), load)
     txt_emb = text.embeddings[0].float().cpu()
     ids = list(ids)
-    stored = searcher.index.embeddings[ids].float() if ids else torch.empty(0, txt_emb.numel())
+    # only the hits' rows are read (the store may be many memory-mapped shards)
+    stored = searcher.index.store.take(torch.tensor(ids, dtype=torch.long)).float().cpu() if ids \
+        else torch.empty(0, txt_emb.numel())
     contrib = part_contributions(stored, txt_emb, model.num_parts)
     words = text.words[0]
     wa = text.word_attention[0].numpy() if text.word_attention is not None else None
@@ -117,26 +154,38 @@ def explain_hits(searcher, query: str, ids: Sequence[int]) -> QueryExplanation:
     for k in range(model.num_parts):
         order = np.argsort(-wa[k])[:TOP_WORDS] if wa is not None else []
         top.append([(words[j], float(wa[k, j])) for j in order])
-    maps = None
-    if ids and (model.decoder is not None or (model.dga is not None and model.dga.gate is not None)):
-        images, _ = _image_batch(searcher, ids)
-        maps = image_evidence(model, images.to(next(model.parameters()).device))
     out = QueryExplanation(query, words, wa, word_part, limitations=limitations(model))
     for j, i in enumerate(ids):
         c = contrib[j].tolist()
         parts = sorted((PartExplanation(k, c[k], top[k]) for k in range(model.num_parts)),
                        key=lambda p: -p.contribution)
-        pa = maps.part_attention[j].cpu().numpy() if maps is not None and maps.part_attention is not None else None
-        fg = maps.foreground[j].cpu().numpy() if maps is not None and maps.foreground is not None else None
+        pa, fg = pas[j], fgs[j]
         # the score recomputed in fp32 from the stored row: exactly the sum of the parts (the search's own score
         # may come from an fp16/bf16 scan and differ in the 3rd-4th digit)
         out.hits.append(HitExplanation(int(i), float(contrib[j].sum()), parts, pa, fg))
     return out
 
 
-def explain_result(searcher, result) -> QueryExplanation:
+def explain_result(searcher, result, load=None) -> QueryExplanation:
     """Explain every hit of a QueryResult."""
-    return explain_hits(searcher, result.query, [h.id for h in result.hits])
+    return explain_hits(searcher, result.query, [h.id for h in result.hits], load)
+
+
+def _model_turn(searcher):
+    """The searcher's model lock (recording attention sets state on shared modules: no other forward may run
+    meanwhile, e.g. a search from another server thread) and its single-query thread count."""
+    import contextlib
+
+    from lgur.search.topk import torch_threads
+
+    stack = contextlib.ExitStack()
+    lock = getattr(searcher, "_lock", None)
+    if lock is not None:
+        stack.enter_context(lock)
+    cfg = getattr(searcher, "cfg", None)
+    if cfg is not None:
+        stack.enter_context(torch_threads(int(cfg.single_query_threads)))
+    return stack
 
 
 def overlay(image: Image.Image, grid_map: np.ndarray, color: str | None = None, alpha: float = 0.55) -> Image.Image:
@@ -196,6 +245,15 @@ def write_explanation_png(ex: QueryExplanation, crops: Sequence[Image.Image], ou
     strongest part) and its parts ranked by contribution."""
     from pathlib import Path
 
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    explanation_image(ex, crops, height, labels).save(out)
+    return out
+
+
+def explanation_image(ex: QueryExplanation, crops: Sequence[Image.Image], height: int = 192,
+                      labels: Sequence[str] | None = None, borders: Sequence[str | None] | None = None) -> Image.Image:
+    """The picture write_explanation_png saves (borders: an optional outline colour per hit, e.g. correct/wrong)."""
     from PIL import ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=14)
@@ -218,6 +276,9 @@ def write_explanation_png(ex: QueryExplanation, crops: Sequence[Image.Image], ou
     y0 = pad * 2 + line
     x = pad
     for j, (panels, hit, cw) in enumerate(zip(cols, ex.hits, col_w)):
+        if borders is not None and borders[j] is not None:
+            pw = sum(im.width for _, im in panels) + gap * (len(panels) - 1)
+            draw.rectangle([x - 3, y0 + line - 3, x + pw + 2, y0 + line + height + 2], outline=borders[j], width=3)
         px = x
         for name, im in panels:
             sheet.paste(im, (px, y0 + line))
@@ -229,7 +290,4 @@ def write_explanation_png(ex: QueryExplanation, crops: Sequence[Image.Image], ou
         for i, (text, p) in enumerate(zip(parts_text(hit, text_lines - 1), hit.parts)):
             draw.text((x, ty + (i + 1) * line), text, fill=part_color(p.part), font=small)
         x += cw + 3 * pad
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
+    return sheet

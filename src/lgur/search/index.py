@@ -12,6 +12,11 @@ read with allow_pickle=False):
         col-<name>.npy      one array per row column (N,): `path` (UTF-8 bytes, relative to the images
                             root), `size`, `mtime_ns`, and any metadata columns (see Rows)
         pca.npy, reduced.npy   optional: PCA projection (D, r) fp32 and the reduced rows (N, r) fp16
+        maps.npy            optional: per row the explanation maps (N, K + 1, h * w) fp16, recorded by the
+                            forward that computed the embedding: the K prototype parts' attention over the
+                            backbone's h x w patch grid, then the foreground gate; manifest "explain_maps"
+                            {grid: [h, w], parts: K, part_attention: bool, foreground: bool} (see
+                            lgur.models.explain.pack_maps; a row NaN throughout has none)
         ann.faiss           optional: a faiss index (faiss's own binary format), over reduced or full vectors
 
 Saving is atomic as a whole: a new version is written into a fresh `data-<token>/` beside the current one
@@ -23,7 +28,8 @@ Re-running on the same folder reuses every row whose file has the same relative 
 (and the same model), encodes new or changed files and drops deleted ones. Rows are in path order.
 
 Bytes per crop: D x 2 (fp16 embedding; 3072 -> 6 KiB, lgur-small 1536 -> 3 KiB) + the path + 16 (size,
-mtime) + 8 per numeric metadata column, on disk; add r x 2 with a PCA-r reduction and the ANN's codes
+mtime) + 8 per numeric metadata column, on disk, + (K + 1) x h x w x 2 for the explanation maps (DeiT 24x8,
+K = 6: 2.6 KiB; `lgur index --no-explain-maps` leaves them out); add r x 2 with a PCA-r reduction and the ANN's codes
 (IVF-PQ 4-bit, r/2 dims per code: r/4 bytes + 8 for the id). In RAM while searching only the ANN index
 is resident; embeddings and columns are memory-mapped (the page cache holds what queries touch).
 """
@@ -303,6 +309,11 @@ def _checked_manifest(manifest, where: Path) -> dict:
     need(ann is None or (isinstance(ann, dict) and ann.get("kind") in ("ivfpq", "hnsw")
                          and ann.get("param") in ("nprobe", "efSearch") and type(ann.get("value")) is int
                          and type(ann.get("rerank")) is int), "'ann' must be null or {kind, param, value, rerank}")
+    maps = manifest.get("explain_maps")
+    need(maps is None or (isinstance(maps, dict) and isinstance(maps.get("grid"), list) and len(maps["grid"]) == 2
+                          and all(type(g) is int and 0 < g <= 4096 for g in maps["grid"])
+                          and type(maps.get("parts")) is int and 0 < maps["parts"] <= 64),
+         "'explain_maps' must be null or {grid: [h, w], parts: K, ...}")
     return manifest
 
 
@@ -347,6 +358,7 @@ class GalleryIndex:
     reduced: torch.Tensor | None = None     # PCA-reduced rows (N, r), memory-mapped
     ann: object | None = None               # faiss index (loaded only when faiss is importable)
     path: Path | None = None
+    maps: np.ndarray | None = None          # explanation maps (N, K + 1, h * w) fp16, memory-mapped; or None
 
     @property
     def embeddings(self) -> torch.Tensor:
@@ -416,9 +428,14 @@ class GalleryIndex:
                                       f"says {n} of {want} (corrupt index)")
             else:
                 log.warning("%s has an ANN index but faiss is not installed: exact search is used", path)
+        maps = None
+        if manifest.get("explain_maps"):
+            lay = manifest["explain_maps"]
+            maps = _open_array(data / "maps.npy", (n, lay["parts"] + 1, lay["grid"][0] * lay["grid"][1]),
+                               np.float16, "explanation maps")
         rows = Rows(cols, manifest["columns"])
         check_manifest_paths(path, manifest["images_root"], rows.paths())
-        return cls(manifest, rows, Shards(parts, mapped=True), components, reduced, ann, path)
+        return cls(manifest, rows, Shards(parts, mapped=True), components, reduced, ann, path, maps)
 
     def save(self, path: str | Path) -> Path:
         """Write this (in-memory) index to `path` atomically (see the module docstring)."""
@@ -430,6 +447,8 @@ class GalleryIndex:
                 w.write_array("reduced.npy", self.reduced.half().numpy())
             if self.ann is not None:
                 w.write_faiss(self.ann)
+            if self.maps is not None:
+                w.write_array("maps.npy", np.asarray(self.maps, dtype=np.float16))
             w.commit(self.manifest)
         self.path = Path(path)
         return self.path
@@ -702,8 +721,14 @@ def _previous(out: Path, fingerprint: str, root: Path, dtype: str) -> tuple[Gall
 
 
 def encode_files(model, dataset, positions: list[int], batch_size: int, num_workers: int, device,
-                 progress: bool = True) -> tuple[torch.Tensor, list[int]]:
-    """Encode dataset items `positions` -> (embeddings fp32 on CPU, the positions that decoded, in order)."""
+                 progress: bool = True, maps_out: dict | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Encode dataset items `positions` -> (embeddings fp32 on CPU, the positions that decoded, in order).
+
+    With `maps_out` (a dict), the same forward also records the explanation maps (lgur.models.explain):
+    maps_out["maps"] = (n, K + 1, h * w) fp16 rows aligned with the embeddings and maps_out["layout"] = the
+    manifest entry; both stay unset for a model without prototype decoder and foreground gate."""
+    from lgur.models.explain import image_evidence, maps_layout, pack_maps
+
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
@@ -711,17 +736,28 @@ def encode_files(model, dataset, positions: list[int], batch_size: int, num_work
 
     loader = DataLoader(Subset(dataset, positions), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=Collate(pad_id=0), pin_memory=device.type == "cuda")
-    embs, done = [], []
+    embs, done, maps = [], [], []
     # bf16 autocast on CUDA (fast, and the rows are stored in fp16 anyway); plain fp32 on CPU
     amp = autocast(device, torch.bfloat16 if device.type == "cuda" else None)
     bar = tqdm(total=len(positions), desc="encoding images", unit="img", disable=not progress)
     with torch.no_grad(), amp, bar:
         for batch in loader:
             if batch["indices"].numel():
-                embs.append(model.encode_images(batch["images"].to(device, non_blocking=True)).float().cpu())
+                images = batch["images"].to(device, non_blocking=True)
+                if maps_out is None:
+                    embs.append(model.encode_images(images).float().cpu())
+                else:
+                    ev = image_evidence(model, images)
+                    embs.append(ev.embeddings.float().cpu())
+                    packed = pack_maps(ev, model.num_parts)
+                    if packed is not None:
+                        maps.append(packed.half())
+                        maps_out["layout"] = maps_layout(ev, model.num_parts)
                 done.extend(batch["indices"].tolist())
             bar.update(len(batch["indices"]))
     dim = model.embedding_dim
+    if maps:
+        maps_out["maps"] = torch.cat(maps)
     return (torch.cat(embs) if embs else torch.empty(0, dim)), done
 
 
