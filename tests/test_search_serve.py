@@ -68,10 +68,48 @@ def test_search_api_returns_ranked_results_with_image_urls(client, searcher):
     {"query": "a man", "k": 5, "extra": 1},
     ["a man", 5],                          # not an object
 ])
-def test_search_api_rejects_bad_input(client, body):
-    r = client.post("/api/search", json=body)
+@pytest.mark.parametrize("endpoint", ["/api/search", "/api/explain"])  # one validation for both
+def test_search_api_rejects_bad_input(client, body, endpoint):
+    r = client.post(endpoint, json=body)
     assert r.status_code == 422
     assert isinstance(r.json()["error"], str) and r.json()["error"]
+
+
+def test_explain_api(client, searcher):
+    import base64
+    import io
+
+    from PIL import Image
+
+    q = "a man in a black jacket with a red backpack"
+    r = client.post("/api/explain", json={"query": q, "k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    [ref] = searcher.search([q], k=3)
+    assert [h["id"] for h in body["hits"]] == [h.id for h in ref.hits]
+    assert body["words"][:3] == ["a", "man", "in"] and len(body["word_part"]) == len(body["words"])
+    assert body["limitations"] == [] and "mean" in body["reduction"]
+    for h, ref_hit in zip(body["hits"], ref.hits):
+        assert sum(p["contribution"] for p in h["parts"]) == pytest.approx(h["score"], abs=1e-5)
+        assert h["score"] == pytest.approx(ref_hit.score, abs=2e-2) and h["url"] == f"/img/{ref_hit.id}"
+        assert [p["name"] for p in h["panels"]] == ["crop", "foreground", f"part {h['strongest']}"]
+        crop = Image.open(ref_hit.file)
+        for p in h["panels"]:
+            assert p["src"].startswith("data:image/jpeg;base64,")
+            im = Image.open(io.BytesIO(base64.b64decode(p["src"].split(",", 1)[1])))
+            assert im.size == crop.size  # every panel at the crop's own size
+        grid = h["part_attention"]
+        assert len(grid) == 6 and sum(map(sum, grid[h["strongest"]])) == pytest.approx(1, abs=1e-2)
+    one = client.post("/api/explain", json={"query": q, "ids": [ref.hits[2].id]}).json()
+    assert [h["id"] for h in one["hits"]] == [ref.hits[2].id]
+    assert one["hits"][0]["parts"] == body["hits"][2]["parts"]
+
+
+@pytest.mark.parametrize("ids", [[], [96], [-1], [10 ** 30], ["0"], [0.0], list(range(101)), "0", None])
+def test_explain_api_rejects_bad_ids(client, ids):
+    r = client.post("/api/explain", json={"query": "a man", "ids": ids} if ids is not None
+                    else {"query": "a man", "id": 3})
+    assert r.status_code == 422 and isinstance(r.json()["error"], str) and r.json()["error"]
 
 
 def test_search_api_rejects_non_json(client):
@@ -162,6 +200,7 @@ def test_page_in_headless_chromium(live_server, searcher):
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
+    from PIL import Image
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
@@ -188,6 +227,24 @@ def test_page_in_headless_chromium(live_server, searcher):
         assert [c.split()[0] for c in captions] == [f"#{i}" for i in range(1, 6)]
         assert [c.split()[-1] for c in captions] == [h.path for h in ref.hits]
         assert "5 results" in driver.find_element(By.ID, "status").text
+        # clicking a hit explains it: coloured words, the crop with its foreground and strongest part, the parts
+        driver.find_elements(By.CSS_SELECTOR, "#results .hit")[1].click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#explain .explain-panels img")) == 3)
+        panels = ("return Array.from(document.querySelectorAll('#explain .explain-panels img'))"
+                  ".map(i => i.complete ? [i.naturalWidth, i.naturalHeight] : [0, 0])")
+        wait.until(lambda d: all(w > 0 for w, _ in d.execute_script(panels)))
+        crop = Image.open(ref.hits[1].file)
+        assert driver.execute_script(panels) == [list(crop.size)] * 3
+        names = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#explain .explain-panels figcaption")]
+        assert names[:2] == ["crop", "foreground"] and names[2].startswith("part ")
+        words = driver.find_elements(By.CSS_SELECTOR, "#explain .explain-words .w")
+        assert [w.text for w in words] == query.split()
+        assert len({w.value_of_css_property("color") for w in words}) >= 2  # coloured by part, not all alike
+        rows = driver.find_elements(By.CSS_SELECTOR, "#explain .explain-parts tr")[1:]
+        assert len(rows) == 6 and rows[0].text.startswith(names[2])  # strongest part first
+        if os.environ.get("LGUR_SCREENSHOT"):
+            driver.set_window_size(1100, 1000)
+            driver.save_screenshot(os.environ["LGUR_SCREENSHOT"])
         # an empty query is refused in the page without a request
         driver.find_element(By.ID, "query").clear()
         driver.find_element(By.ID, "go").click()

@@ -30,6 +30,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                              "many machines run `torchrun --nnodes ... -m lgur index ...`")
     p.add_argument("--follow-symlinks", action="store_true",
                    help="also index files whose real location is outside IMAGES (default: skipped and listed)")
+    p.add_argument("--no-explain-maps", action="store_true",
+                   help="do not store each image's part attention and foreground maps (recorded by the same "
+                        "forward; (K+1) x patches x 2 bytes per image); `lgur search --explain` then runs the "
+                        "image encoder on the hits instead")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=index_cmd)
 
@@ -51,6 +55,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "video!=a.mp4, score>=0.5")
     s.add_argument("--after", help="only rows with time >= this (Unix seconds or ISO 8601, UTC unless a zone is given)")
     s.add_argument("--before", help="only rows with time < this")
+    s.add_argument("--explain", action="store_true",
+                   help="per hit: the prototype parts ranked by their share of the score, with the query words "
+                        "each part attends to; --html/--png sheets then draw each hit's foreground map and its "
+                        "strongest part's attention over the crop and colour the query's words by part")
     s.set_defaults(func=search_cmd)
 
     v = sub.add_parser("serve", help="web page + JSON API for person search over an index",
@@ -109,7 +117,7 @@ def index_cmd(args: argparse.Namespace) -> int:
                                 num_workers=scfg.num_workers if args.workers is None else args.workers,
                                 device=args.device, ann=args.ann, pca=args.pca, search_cfg=scfg,
                                 progress=not args.quiet, metadata=metadata or None,
-                                follow_symlinks=args.follow_symlinks)
+                                follow_symlinks=args.follow_symlinks, explain_maps=not args.no_explain_maps)
     if index is not None:  # rank 0 (or the only process) reports
         print(report.summary())
         cols = index.files.metadata_columns
@@ -145,12 +153,24 @@ def search_cmd(args: argparse.Namespace) -> int:
         subset = searcher.select(flt)
         print(f"filter: {flt.describe()}: {len(subset)} of {len(searcher)} images")
     results = searcher.search(queries, k=args.k, where=flt)
-    for r in results:
+    explanations = explain_results(searcher, results) if args.explain else None
+    for j, r in enumerate(results):
         print(f"query: {r.query}")
-        for h in r.hits:
+        if explanations is not None:
+            print_explained_words(explanations[j])
+        for i, h in enumerate(r.hits):
             meta = "  " + " ".join(f"{k}={v}" for k, v in h.meta.items() if v not in (None, "")) if h.meta else ""
             print(f"{h.rank:>4}  {h.score:.4f}  {h.path}{meta}")
-    if args.html or args.png:
+            if explanations is not None:
+                print_explained_hit(explanations[j].hits[i])
+    if explanations is not None and (args.html or args.png):
+        from lgur.search.sheet import write_explained_html, write_explained_png
+
+        if args.html:
+            print(f"wrote {write_explained_html(results, explanations, args.html)}")
+        if args.png:
+            print(f"wrote {write_explained_png(results, explanations, args.png)}")
+    elif args.html or args.png:
         from lgur.search.sheet import write_html, write_png
 
         if args.html:
@@ -158,6 +178,40 @@ def search_cmd(args: argparse.Namespace) -> int:
         if args.png:
             print(f"wrote {write_png(results, args.png)}")
     return 0
+
+
+def explain_results(searcher, results) -> list:
+    from lgur.search.explain import explain_result
+
+    return [explain_result(searcher, r) for r in results]
+
+
+def print_explained_words(ex) -> None:
+    """The query's words grouped by the part that attends to each most, and what the model cannot explain."""
+    for note in ex.limitations:
+        print(f"      note: {note}")
+    if ex.word_attention is not None:
+        by_part: dict[int, list[str]] = {}
+        for w, k in zip(ex.words, ex.word_part):
+            by_part.setdefault(k, []).append(w)
+        print("      words by part: " + "; ".join(f"part {k}: {' '.join(ws)}" for k, ws in sorted(by_part.items())))
+
+
+def print_explained_hit(hit, limit: int = 3) -> None:
+    """Under a hit: its parts ranked by contribution (they add up to the score), each with its top words, and
+    where its strongest part looks on the crop."""
+    for p in hit.parts[:limit]:
+        words = ", ".join(f"{w} {a:.2f}" for w, a in p.top_words)
+        print(f"        part {p.part}  {p.contribution:+.4f}  {words}")
+    rest = hit.parts[limit:]
+    if rest:
+        print(f"        {len(rest)} more parts  {sum(p.contribution for p in rest):+.4f}")
+    if hit.part_attention is not None and hit.strongest is not None:
+        import numpy as np
+
+        thirds = [float(band.sum()) for band in np.array_split(hit.part_attention[hit.strongest], 3, axis=0)]
+        print(f"        part {hit.strongest}'s attention over the crop's top / middle / bottom third: "
+              + " / ".join(f"{t:.0%}" for t in thirds))
 
 
 def serve_cmd(args: argparse.Namespace) -> int:

@@ -3,6 +3,11 @@
     GET  /                 the search page (static/index.html: text box, k selector, grid of hits)
     POST /api/search       {"query": str (1..max_query_chars), "k": int (1..max_k)} -> {"query", "k", "results":
                            [{"rank", "score", "id", "path", "url"}], "ms"}
+    POST /api/explain      {"query": str, "k": int (the same bounds as /api/search), "ids": [int] (optional, at
+                           most max_k index rows; default: the query's top k)} -> lgur.search.explain's
+                           QueryExplanation as JSON (words coloured by part, per hit its parts ranked by their
+                           share of the score with their top words, the part/foreground maps) + per hit "url" and
+                           "panels": [{"name", "src"}] (crop, foreground, strongest part; JPEG data URLs)
     GET  /api/info         gallery size, model, search engine, limits
     GET  /img/{id}         gallery image `id` (an index row); ids only, never a user-supplied path
 
@@ -164,6 +169,42 @@ def query_model(max_query_chars: int, max_k: int) -> type[BaseModel]:
     return SearchRequest
 
 
+def explain_model(search_model: type[BaseModel], max_k: int) -> type[BaseModel]:
+    """/api/explain's body: the search body (the same query/k checks) plus optional row ids to explain."""
+    class ExplainRequest(search_model):
+        ids: list[int] | None = Field(default=None, min_length=1, max_length=max_k)
+
+    return ExplainRequest
+
+
+def explain_payload(searcher: Searcher, query: str, ids: list[int], load) -> dict:
+    """The /api/explain answer (runs the model: call it in a worker thread). `load(id)` opens a crop inside the
+    gallery (lgur.search.paths), for the panels and for rows whose maps the index does not hold."""
+    from lgur.search.explain import explain_hits, hit_panels
+
+    ex = explain_hits(searcher, query, ids, load)
+    out = ex.to_dict()
+    for hit, hx in zip(out["hits"], ex.hits):
+        hit["url"] = f"/img/{hx.id}"
+        hit["path"] = searcher.index.files.path(hx.id)
+        try:
+            crop = load(hx.id)
+        except Exception as e:  # noqa: BLE001 -- a gone or refused file: the hit is explained without pictures
+            hit["panels"], hit["image_error"] = [], f"crop not available ({type(e).__name__})"
+            continue
+        hit["panels"] = [{"name": name, "src": _data_url(im)} for name, im in hit_panels(crop, hx)]
+    return out
+
+
+def _data_url(im) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # micro-batching
 
@@ -259,6 +300,7 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
     batch_max = int(pick(batch_max, "serve_batch_max"))
     batch_window_s = float(pick(batch_window_ms, "serve_batch_window_ms")) / 1e3
     SearchRequest = query_model(max_query_chars, max_k)
+    ExplainRequest = explain_model(SearchRequest, max_k)
     batcher = QueryBatcher(searcher, batch_max, batch_window_s, int(cfg.serve_max_pending)) if batch_max > 1 else None
     root = searcher.index.images_root.resolve()
 
@@ -303,6 +345,33 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
             [result] = await run_in_threadpool(searcher.search, [req.query], req.k)
         hits = [{**h.to_dict(), "url": f"/img/{h.id}"} for h in result.hits]
         return {"query": req.query, "k": req.k, "results": hits, "ms": round((time.perf_counter() - t) * 1e3, 2)}
+
+    def load_crop(i: int):
+        """Crop `i` decoded from a file opened inside the gallery (never a path outside it)."""
+        from PIL import Image
+
+        fd, st = open_gallery_file(root, searcher.index.files.path(int(i)), follow_symlinks)
+        with os.fdopen(fd, "rb") as f:
+            if st.st_size > 64 << 20:
+                raise OSError("image larger than 64 MiB")
+            with Image.open(f) as im:
+                return im.convert("RGB")
+
+    @app.post("/api/explain")
+    async def explain(request: Request) -> dict:
+        req = await read_body(request, ExplainRequest)
+        t = time.perf_counter()
+        if req.ids is None:
+            [result] = await run_in_threadpool(searcher.search, [req.query], req.k)
+            ids = [h.id for h in result.hits]
+        else:
+            bad = [i for i in req.ids if not 0 <= i < len(searcher)]
+            if bad:
+                raise RequestError(422, f"ids: {bad[0]} is not a gallery row (0..{len(searcher) - 1})")
+            ids = list(req.ids)
+        out = await run_in_threadpool(explain_payload, searcher, req.query, ids, load_crop)
+        out["ms"] = round((time.perf_counter() - t) * 1e3, 2)
+        return out
 
     @app.get("/img/{image_id}")
     def image(image_id: str) -> Any:

@@ -96,3 +96,77 @@ def write_png(results: Sequence[QueryResult], out: str | Path, max_chars: int = 
         y += h_row
     sheet.save(out)
     return out
+
+
+# ------------------------------------------------------------------------------------------ explained sheets
+# (`lgur search --explain --html/--png`; the explanations come from lgur.search.explain.explain_result)
+
+def _crop(hit: Hit) -> Image.Image:
+    try:
+        return load_rgb(hit.file)
+    except DECODE_ERRORS:
+        im = Image.new("RGB", (THUMB_W, THUMB_H), (200, 200, 200))
+        ImageDraw.Draw(im).text((8, THUMB_H // 2), "missing", fill=(90, 90, 90))
+        return im
+
+
+def write_explained_html(results: Sequence[QueryResult], explanations: Sequence, out: str | Path,
+                         title: str = "lgur search: explained") -> Path:
+    """Per query: its words coloured by the prototype part that attends to them most; per hit the crop, the
+    foreground map and the attention map of its strongest part (each at the crop's size), then the parts ranked
+    by their share of the score with each part's top words. Self-contained (images embedded)."""
+    from lgur.search.explain import hit_panels, part_color, words_html
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+             "body{font-family:sans-serif;margin:16px}.row{display:flex;flex-wrap:wrap;gap:18px;margin-bottom:28px}"
+             "figure{margin:0;font-size:12px}.panels{display:flex;gap:4px}.panels div{text-align:center}"
+             f"img{{height:{THUMB_H}px;border:{BORDER}px solid}}.q{{font-size:17px}}.lim{{color:#a16207}}"
+             "table{border-collapse:collapse;font-size:12px}td{padding:0 6px 0 0}</style></head><body>"]
+    for r, ex in zip(results, explanations):
+        parts.append(f"<h3 class='q'>{words_html(ex)}</h3>")
+        if ex.limitations:
+            parts.append("<p class='lim'>" + "; ".join(html.escape(x) for x in ex.limitations) + "</p>")
+        parts.append("<div class='row'>")
+        for h, hx in zip(r.hits, ex.hits):
+            panels = "".join(f"<div><img src='{_jpeg(im)}' style='border-color:{_css_color(h.correct)}' "
+                             f"alt='{html.escape(name, quote=True)}'><br>{html.escape(name)}</div>"
+                             for name, im in hit_panels(_crop(h), hx))
+            rows = "".join(f"<tr style='color:{part_color(p.part)}'><td>part {p.part}</td>"
+                           f"<td>{p.contribution:+.3f}</td><td>{html.escape(', '.join(w for w, _ in p.top_words))}"
+                           f"</td></tr>" for p in hx.parts)
+            parts.append(f"<figure class='hit'><div class='panels'>{panels}</div><figcaption>#{h.rank} "
+                         f"score {h.score:.3f} &middot; {html.escape(h.path)}<table>{rows}</table>"
+                         f"</figcaption></figure>")
+        parts.append("</div>")
+    parts.append(f"<p>Part maps: {html.escape(explanations[0].reduction) if explanations else ''}; "
+                 "contributions add up to the score.</p></body></html>")
+    out.write_text("".join(parts), encoding="utf-8")
+    return out
+
+
+def _jpeg(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=88)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def write_explained_png(results: Sequence[QueryResult], explanations: Sequence, out: str | Path,
+                        height: int = 200) -> Path:
+    """The explained sheet as one PNG: per query lgur.search.explain.explanation_image, stacked."""
+    from lgur.search.explain import explanation_image
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images = [explanation_image(ex, [_crop(h) for h in r.hits], height, [f"#{h.rank}" for h in r.hits],
+                                [_css_color(h.correct) if h.correct is not None else None for h in r.hits])
+              for r, ex in zip(results, explanations)]
+    sheet = Image.new("RGB", (max([im.width for im in images] or [1]), max(sum(im.height for im in images), 1)),
+                      "white")
+    y = 0
+    for im in images:
+        sheet.paste(im, (0, y))
+        y += im.height
+    sheet.save(out)
+    return out
