@@ -87,3 +87,25 @@ def test_lgur_help_does_not_import_torch():
     code = "import sys; from lgur.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_recipes_ship_in_the_package_and_resolve_from_any_directory(tmp_path, monkeypatch):
+    from lgur.config import RECIPES, resolve_config_path
+
+    monkeypatch.chdir(tmp_path)  # not the checkout: no configs/ folder here
+    assert RECIPES.parent.name == "lgur" and (RECIPES / "lgur_cuhk.yaml").is_file()
+    for spelling in ("lgur_cuhk", "lgur_cuhk.yaml", "configs/lgur_cuhk.yaml"):
+        assert resolve_config_path(spelling) == RECIPES / "lgur_cuhk.yaml"
+    icfg = load_config("lgur_icfg")  # its _base_ (lgur_cuhk.yaml) resolves beside it
+    assert icfg.name == "lgur_icfg" and icfg.model.image_backbone == "deit_small"
+    own = tmp_path / "lgur_cuhk.yaml"  # a file the user names always wins over a shipped recipe
+    own.write_text("optim:\n  epochs: 3\n")
+    assert load_config("lgur_cuhk.yaml").optim.epochs == 3 and load_config("lgur_cuhk").optim.epochs != 3
+    with pytest.raises(ConfigError, match="recipes: .*lgur_tiny"):
+        resolve_config_path("no_such_recipe")
+    # the checkout's configs/ is the same folder (a link), so edits there are the shipped recipes
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parents[1] / "configs"
+    if checkout.exists():
+        assert checkout.resolve() == RECIPES.resolve()

@@ -1,16 +1,20 @@
 """Configuration as data: defaults.yaml declares every key; recipes and `key=value` override it.
 
-    cfg = load_config("configs/lgur_cuhk.yaml", ["optim.epochs=10", "data.root=/data/CUHK-PEDES"])
+    cfg = load_config("lgur_cuhk", ["optim.epochs=10", "data.root=/data/CUHK-PEDES"])  # a recipe by name
+    cfg = load_config("my_recipe.yaml")                                                 # or any file
     cfg.optim.epochs        # attribute access
     cfg["optim"]["epochs"]  # or item access
     save_config(cfg, run_dir / "config.yaml")
 
-A recipe may name `_base_: other.yaml` (relative to itself) to inherit from another recipe.
+Recipes ship inside the package (lgur/configs/*.yaml, found with importlib.resources from any working
+directory; a source checkout also has them at configs/, a link to src/lgur/configs). A recipe may name
+`_base_: other.yaml` (relative to itself) to inherit from another recipe.
 Unknown keys are an error, so a typo never silently falls back to a default.
 """
 from __future__ import annotations
 
 import copy
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,7 +23,8 @@ import yaml
 from lgur.errors import ConfigError
 
 DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# the shipped recipes; lgur is installed as files (wheel or editable), never zip-imported, so a Path
+RECIPES = Path(str(files("lgur").joinpath("configs")))
 
 
 class Config(dict):
@@ -51,14 +56,19 @@ def defaults() -> Config:
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A path, or a recipe name such as `lgur_cuhk` looked up in the repository's configs/."""
+    """A path, or a shipped recipe by name: `lgur_cuhk`, `lgur_cuhk.yaml` or `configs/lgur_cuhk.yaml` (the
+    README's spelling, valid from any working directory). An existing file always wins."""
     p = Path(name_or_path)
     if p.is_file():
         return p
-    for cand in (REPO_CONFIGS / p, REPO_CONFIGS / f"{p}.yaml"):
+    names = [p, Path(f"{p}.yaml")]
+    if not p.is_absolute() and len(p.parts) > 1 and p.parts[0] == "configs":
+        rest = Path(*p.parts[1:])
+        names += [rest, Path(f"{rest}.yaml")]
+    for cand in (RECIPES / n for n in names):
         if cand.is_file():
             return cand
-    known = sorted(q.stem for q in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
+    known = sorted(q.stem for q in RECIPES.glob("*.yaml")) if RECIPES.is_dir() else []
     raise ConfigError(f"config file not found: {name_or_path} (recipes: {', '.join(known) or 'none'})")
 
 

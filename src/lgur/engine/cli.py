@@ -14,7 +14,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "last/best checkpoints. Multi-GPU: --nproc N, or torchrun --nproc_per_node=N "
                                    "-m lgur train ...")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.epochs=10")
-    t.add_argument("--config", help="recipe file or name in configs/ (e.g. lgur_cuhk); default: defaults.yaml")
+    t.add_argument("--config", help="recipe file, or a recipe shipped in lgur/configs/ by name (e.g. lgur_cuhk); "
+                                    "default: defaults.yaml")
     t.add_argument("--data-root", help="dataset folder (sets data.root)")
     t.add_argument("--out-dir", help="where run folders are created (sets output_dir)")
     t.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR|latest",
