@@ -3,7 +3,7 @@
     M    = sigmoid(Linear_d->1(V))              ForegroundGate (FCR): one scalar per patch, unsupervised
     V_re = R(q=V, kv=D) * M                     SharedDictionary (MSD) reconstruction of the image
     T_re = R(q=T, kv=D)                         ... of the text (no key mask: D is never padded)
-    V_g  = R(q=V, kv=T, key mask) * M           CrossModalGuidance (CMG), training only
+    V_g  = R(q=V, kv=T, key mask) * M           cross_modal_guidance (CMG), training only
 
 R is ONE CrossAttentionBlock shared by all three paths. The ablation switches remove a box and its
 parameters entirely: without MSD the "reconstruction" is the (gated) backbone tokens themselves.
