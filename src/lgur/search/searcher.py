@@ -36,13 +36,44 @@ class Hit:
     file: Path         # absolute path
     correct: bool | None = None  # None: ground truth unknown
     meta: dict = field(default_factory=dict)  # the row's metadata columns (camera, time, video, ...), if any
+    frame_file: Path | None = None  # video crops: the (downscaled) frame the crop was cut from
+
+    @property
+    def video(self) -> dict | None:
+        """For a crop from `lgur index --video`: {"video", "frame", "t" (s), "box" [x1, y1, x2, y2] in frame
+        pixels, "track", "span" [first, last t of the track], "frame_size" [w, h]}; else None."""
+        m = self.meta
+        if not m or any(m.get(k) is None for k in ("video", "t", "x1", "y1", "x2", "y2")):
+            return None
+        t = m["t"]
+        return {"video": m["video"], "frame": m.get("frame"), "t": t, "box": [m["x1"], m["y1"], m["x2"], m["y2"]],
+                "track": m.get("track"), "span": [m.get("track_start") or t, m.get("track_end") or t],
+                "frame_size": [m.get("frame_w"), m.get("frame_h")]}
 
     def to_dict(self) -> dict:
         out = {"rank": self.rank, "score": round(self.score, 6), "id": self.id, "path": self.path,
                "correct": self.correct}
         if self.meta:
             out["meta"] = self.meta
+        if self.video:
+            out.update(self.video)
         return out
+
+    def where(self) -> str:
+        """'video @ m:ss.s (track m:ss.s-m:ss.s) box x1,y1,x2,y2' for a video crop, else ''."""
+        v = self.video
+        if v is None:
+            return ""
+        return (f"{v['video']} @ {fmt_time(v['t'])} (track {fmt_time(v['span'][0])}-{fmt_time(v['span'][1])}) "
+                f"box {','.join(str(round(x)) for x in v['box'])}")
+
+
+def fmt_time(t: float) -> str:
+    """Seconds -> 'm:ss.s' (or 'h:mm:ss.s')."""
+    t = max(float(t), 0.0)
+    h, rem = divmod(t, 3600)
+    m, s = divmod(rem, 60)
+    return f"{int(h)}:{int(m):02d}:{s:04.1f}" if h else f"{int(m)}:{s:04.1f}"
 
 
 @dataclass
@@ -148,6 +179,19 @@ class Searcher:
                 out[i] = e
         return torch.stack(out)
 
+    def frame_file(self, i: int) -> Path | None:
+        """The frame image of video crop `i` (index built by `lgur index --video`), only if it lies inside the
+        index's media folder's frames/ (the media folder is the crops root's parent); rows are untrusted input."""
+        cols = self.index.files.columns
+        rel = bytes(cols["frame_image"][i]).decode("utf-8", "replace") if "frame_image" in cols else ""
+        if not rel or "\x00" in rel:
+            return None
+        media = self.index.images_root.parent.resolve()
+        path = (media / rel).resolve()
+        if not path.is_relative_to(media / "frames"):
+            return None
+        return path
+
     def select(self, where=None, after=None, before=None) -> np.ndarray | None:
         """Row ids passing a metadata filter (see lgur.search.filters), cached for the last few filters;
         None = every row."""
@@ -167,14 +211,15 @@ class Searcher:
         return ids
 
     def search(self, texts: Sequence[str] | str, k: int | Sequence[int] = 10, relevant: Relevant = None,
-               where=None, after=None, before=None) -> list[QueryResult]:
+               where=None, after=None, before=None, per_track: bool = False) -> list[QueryResult]:
         """Top-k gallery images per text, best first. `k` is one number or one per text (the texts are encoded
         together either way; `lgur serve` batches concurrent requests this way). `relevant` (optional ground
         truth) marks each hit's `correct`: either one collection of correct relative paths per query, or a
         predicate relevant(query_index, query_text, relative_path) -> bool.
         where/after/before: a metadata filter for every text (["camera=3"], times as Unix seconds or ISO 8601;
         or a lgur.search.filters.Filter as `where`): only matching rows are searched, inside the engine, so a
-        result may have fewer than k hits."""
+        result may have fewer than k hits. per_track: one hit per track (video indexes: the track's best crop;
+        `Hit.video["span"]` is the track's time span); rows without a track count as their own track."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return []
@@ -191,24 +236,46 @@ class Searcher:
         subset = self.select(where, after, before)
         kw = {} if subset is None else {"subset": subset}
         rows: list = [None] * len(texts)
+        n = len(self.index) if subset is None else len(subset)
         with self._lock, torch_threads(int(self.cfg.single_query_threads) if len(texts) == 1 else 0):
             emb = self.encode(texts)
             for kk in sorted(set(ks)):  # one scan per distinct k, so each query ranks exactly as if alone
                 group = [i for i, x in enumerate(ks) if x == kk]
-                scores, ids = self.engine.search(emb if len(group) == len(texts) else emb[group], kk, **kw)
+                # per track: fetch more rows than k, and all of them if k tracks are still not covered
+                fetch = min(n, kk * 20) if per_track else kk
+                q = emb if len(group) == len(texts) else emb[group]
+                scores, ids = self.engine.search(q, fetch, **kw)
+                if per_track and fetch < n and any(len(self._tracks(r)) < kk for r in ids.tolist()):
+                    scores, ids = self.engine.search(q, n, **kw)
                 for i, s_row, i_row in zip(group, scores.tolist(), ids.tolist()):
                     rows[i] = (s_row, i_row)
         results = []
         for qi, (text, (s_row, i_row)) in enumerate(zip(texts, rows)):
-            hits = []
+            hits, seen = [], set()
             for score, i in zip(s_row, i_row):
                 if i < 0:  # an ANN index found fewer than k
                     continue
+                if per_track:
+                    track = self._track(i)
+                    if track in seen:
+                        continue
+                    seen.add(track)
+                if len(hits) == ks[qi]:
+                    break
                 path = self.index.files.path(i)
                 correct = None
                 if relevant is not None:
                     correct = bool(relevant(qi, text, path)) if callable(relevant) else path in relevant[qi]
                 meta = {c: v for c, v in self.index.files[i].items() if c not in BASE_COLUMNS} if self._has_meta else {}
-                hits.append(Hit(len(hits) + 1, float(score), i, path, self.index.file(i), correct, meta))
+                hits.append(Hit(len(hits) + 1, float(score), i, path, self.index.file(i), correct, meta,
+                                self.frame_file(i)))
             results.append(QueryResult(text, hits))
         return results
+
+    def _track(self, i: int):
+        cols = self.index.files.columns
+        t = bytes(cols["track"][i]).decode("utf-8", "replace") if "track" in cols else ""
+        return ("track", t) if t else ("row", i)
+
+    def _tracks(self, ids: list[int]) -> set:
+        return {self._track(i) for i in ids if i >= 0}

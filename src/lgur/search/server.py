@@ -1,7 +1,8 @@
 """`lgur serve`: a small web page and a JSON API over one Searcher (model loaded once at startup).
 
     GET  /                 the search page (static/index.html: text box, k selector, grid of hits)
-    POST /api/search       {"query": str (1..max_query_chars), "k": int (1..max_k)} -> {"query", "k", "results":
+    POST /api/search       {"query": str (1..max_query_chars), "k": int (1..max_k), "per_track": bool (optional,
+                           video indexes: one hit per track)} -> {"query", "k", "results":
                            [{"rank", "score", "id", "path", "url"}], "ms"}
     POST /api/explain      {"query": str, "k": int (the same bounds as /api/search), "ids": [int] (optional, at
                            most max_k index rows; default: the query's top k)} -> lgur.search.explain's
@@ -10,6 +11,8 @@
                            "panels": [{"name", "src"}] (crop, foreground, strongest part; JPEG data URLs)
     GET  /api/info         gallery size, model, search engine, limits
     GET  /img/{id}         gallery image `id` (an index row); ids only, never a user-supplied path
+    GET  /frame/{id}       video indexes: the frame that crop `id` was cut from (hits then also carry video,
+                           t, box, track, span, frame_size and frame_url); opened like /img, inside OUT.media/frames
 
 Every request is hostile until checked, and every refusal is a 4xx with {"error": message}, never a traceback:
 
@@ -154,6 +157,7 @@ def query_model(max_query_chars: int, max_k: int) -> type[BaseModel]:
         model_config = ConfigDict(strict=True, extra="forbid")
         query: str = Field(min_length=1, max_length=max_query_chars)
         k: int = Field(default=10, ge=1, le=max_k)
+        per_track: bool = False  # video indexes: one hit per track
 
         @field_validator("query")
         @classmethod
@@ -303,6 +307,7 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
     ExplainRequest = explain_model(SearchRequest, max_k)
     batcher = QueryBatcher(searcher, batch_max, batch_window_s, int(cfg.serve_max_pending)) if batch_max > 1 else None
     root = searcher.index.images_root.resolve()
+    frames_root = root.parent / "frames"  # video indexes: OUT.media/crops is the images root (lgur.video.ingest)
 
     app = FastAPI(title="lgur person search", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
@@ -332,6 +337,7 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
         m = searcher.index.manifest
         return {"images": len(searcher), "model": m["model"], "fingerprint": m["fingerprint"],
                 "engine": type(searcher.engine).__name__, "max_k": max_k, "max_query_chars": max_query_chars,
+                "video": "frame_image" in searcher.index.files.metadata_columns,
                 "max_body_bytes": max_body_bytes, "batch_max": batch_max,
                 "batch_recent_mean": batcher.recent_mean if batcher is not None else None}
 
@@ -339,11 +345,12 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
     async def search(request: Request) -> dict:
         req = await read_body(request, SearchRequest)
         t = time.perf_counter()
-        if batcher is not None:
+        if batcher is not None and not req.per_track:
             result = await batcher.search(req.query, req.k)
         else:
-            [result] = await run_in_threadpool(searcher.search, [req.query], req.k)
-        hits = [{**h.to_dict(), "url": f"/img/{h.id}"} for h in result.hits]
+            [result] = await run_in_threadpool(searcher.search, [req.query], req.k, None, req.per_track)
+        hits = [{**h.to_dict(), "url": f"/img/{h.id}", **({"frame_url": f"/frame/{h.id}"} if h.frame_file else {})}
+                for h in result.hits]
         return {"query": req.query, "k": req.k, "results": hits, "ms": round((time.perf_counter() - t) * 1e3, 2)}
 
     def load_crop(i: int):
@@ -393,6 +400,27 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
             return JSONResponse({"error": f"gallery image {image_id} is gone from disk"}, status_code=404)
         media = mimetypes.guess_type(rel)[0] or "application/octet-stream"
         return StreamingResponse(_chunks(fd, st.st_size), media_type=media,
+                                 headers={"content-length": str(st.st_size), "x-content-type-options": "nosniff"})
+
+    @app.get("/frame/{image_id}")
+    def frame(image_id: str) -> Any:
+        # video indexes: the same id rule as /img; the frame's path comes from the row (frame_image, relative
+        # to OUT.media) and is opened only inside OUT.media/frames
+        if not (image_id.isascii() and image_id.isdigit() and len(image_id) <= MAX_ID_DIGITS) \
+                or int(image_id) >= len(searcher):
+            return JSONResponse({"error": f"no gallery image {image_id[:40]!r}"}, status_code=404)
+        cols = searcher.index.files.columns
+        rel = bytes(cols["frame_image"][int(image_id)]).decode("utf-8", "replace") if "frame_image" in cols else ""
+        if not rel.startswith("frames/"):
+            return JSONResponse({"error": f"gallery image {image_id} has no frame"}, status_code=404)
+        try:
+            fd, st = open_gallery_file(frames_root, rel[len("frames/"):], False)
+        except OutsideGallery as e:
+            log.warning("refused /frame/%s: %s", image_id, e)
+            return JSONResponse({"error": f"the frame of gallery image {image_id} is not served"}, status_code=403)
+        except OSError:
+            return JSONResponse({"error": f"the frame of gallery image {image_id} is gone from disk"}, status_code=404)
+        return StreamingResponse(_chunks(fd, st.st_size), media_type="image/jpeg",
                                  headers={"content-length": str(st.st_size), "x-content-type-options": "nosniff"})
 
     return app

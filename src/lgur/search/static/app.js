@@ -1,9 +1,43 @@
 // Search page: POST /api/search, then a grid of the top-k gallery images (served by id from /img/{id}).
 // Clicking a hit explains it (POST /api/explain): the query's words coloured by the prototype part that attends
 // to them, the crop with its foreground map and its strongest part's attention, the parts ranked by their share.
+// Video indexes: each hit also says video and time; clicking it shows its frame (/frame/{id}) with the box.
 const form = document.getElementById("search-form");
 const statusLine = document.getElementById("status");
 const grid = document.getElementById("results");
+const detail = document.getElementById("detail");
+let isVideo = false;
+
+fetch("/api/info").then((r) => r.json()).then((info) => {
+  isVideo = Boolean(info.video);
+  document.getElementById("per-track-label").hidden = !isVideo;
+}).catch(() => {});
+
+function fmtTime(t) {
+  const m = Math.floor(t / 60);
+  const s = (t - 60 * m).toFixed(1).padStart(4, "0");
+  return `${m}:${s}`;
+}
+
+function showFrame(hit, fig) {
+  for (const f of grid.querySelectorAll(".hit.selected")) f.classList.remove("selected");
+  fig.classList.add("selected");
+  const img = document.getElementById("detail-img");
+  const box = document.getElementById("detail-box");
+  const [fw, fh] = hit.frame_size;
+  const [x1, y1, x2, y2] = hit.box;
+  img.onload = () => {
+    const s = img.clientWidth / fw;
+    Object.assign(box.style, {left: `${x1 * s}px`, top: `${y1 * s}px`, width: `${(x2 - x1) * s}px`,
+                              height: `${(y2 - y1) * s}px`});
+  };
+  img.src = hit.frame_url;
+  const span = hit.span || [hit.t, hit.t];
+  document.getElementById("detail-text").textContent =
+    `#${hit.rank} ${hit.video} at ${fmtTime(hit.t)} (frame ${hit.frame}), on screen ${fmtTime(span[0])}-${fmtTime(span[1])}, ` +
+    `box ${hit.box.map((v) => Math.round(v)).join(",")}`;
+  detail.hidden = false;
+}
 
 function showError(message) {
   statusLine.textContent = message;
@@ -13,6 +47,7 @@ function showError(message) {
 function render(data) {
   grid.replaceChildren();
   document.getElementById("explain").hidden = true;
+  detail.hidden = true;
   for (const hit of data.results) {
     const fig = document.createElement("figure");
     fig.className = "hit";
@@ -23,6 +58,14 @@ function render(data) {
     cap.textContent = `#${hit.rank} ${hit.score.toFixed(3)} ${hit.path}`;
     fig.append(img, cap);
     fig.addEventListener("click", () => explainHit(hit, fig, data.query));
+    if (hit.frame_url) {
+      fig.classList.add("video");
+      const when = document.createElement("span");
+      when.className = "when";
+      when.textContent = `${hit.video} ${fmtTime(hit.t)}`;
+      fig.append(when);
+      fig.addEventListener("click", () => showFrame(hit, fig));
+    }
     grid.append(fig);
   }
   statusLine.className = "";
@@ -39,7 +82,8 @@ form.addEventListener("submit", async (event) => {
   statusLine.textContent = "searching...";
   try {
     const resp = await fetch("/api/search", {
-      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify({query, k}),
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify(isVideo ? {query, k, per_track: document.getElementById("per-track").checked} : {query, k}),
     });
     const data = await resp.json();
     if (!resp.ok) { showError(data.error || `error ${resp.status}`); return; }
