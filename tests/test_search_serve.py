@@ -542,3 +542,103 @@ def test_batcher_groups_queries_by_their_search_options():
     assert sorted(calls, key=str) == sorted([(["a", "c"], [1, 3], {}), (["b", "d"], [2, 4], {"where": "cam=1"}),
                                              (["e"], [5], {"where": "cam=2"})], key=str)
     assert batcher.batches == [5]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# video indexes (lgur index --video): hits carry video, time, box; /frame/{id}; the page shows the frame
+
+
+@pytest.fixture(scope="module")
+def video_searcher(tmp_path_factory, tiny_checkpoint):  # noqa: F811
+    """The rendered walkers video indexed with its ground-truth boxes (tests/test_video.py) and the tiny model."""
+    pytest.importorskip("cv2", reason="video indexes need opencv-python-headless")
+    from test_video import N_WALKERS, TruthDetector, _settings
+
+    from lgur.data.synth import sample_identities
+    from lgur.video.ingest import index_video
+    from lgur.video.synthetic import render_walkers
+
+    tmp = tmp_path_factory.mktemp("video_serve")
+    truth = render_walkers(tmp / "walk.avi", sample_identities(N_WALKERS, 3), seconds=4, fps=10, seed=2)
+    index_video(tiny_checkpoint, tmp / "walk.avi", tmp / "walk.lgidx", _settings(), num_workers=0, progress=False,
+                detector=TruthDetector(truth, 2.0))
+    return Searcher(tmp / "walk.lgidx", device="cpu")
+
+
+def test_video_hits_in_the_api_and_frames_by_id_only(video_searcher):
+    client = TestClient(create_app(video_searcher))
+    assert client.get("/api/info").json()["video"] is True
+    body = client.post("/api/search", json={"query": "a woman in a red coat", "k": 3, "per_track": True}).json()
+    hits = body["results"]
+    assert len(hits) == 3 and len({h["track"] for h in hits}) == 3
+    for h in hits:
+        assert h["video"] == "walk.avi" and 0 <= h["t"] < 4 and len(h["box"]) == 4 and h["frame_url"] == f"/frame/{h['id']}"
+        assert h["span"][0] <= h["t"] <= h["span"][1] and h["frame_size"] == [640, 480]
+        r = client.get(h["frame_url"])
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        assert r.content == video_searcher.frame_file(h["id"]).read_bytes()
+    rows = client.post("/api/search", json={"query": "a woman in a red coat", "k": 20}).json()["results"]
+    assert len({h["track"] for h in rows}) < len(rows)  # without per_track one person fills several places
+    for path in ("/frame/-1", "/frame/abc", f"/frame/{len(video_searcher)}", "/frame/%2e%2e%2fetc%2fpasswd", "/frame/1e3"):
+        assert client.get(path).status_code == 404, path
+    # a row whose frame path was edited to lead out of OUT.media/frames is refused, not served
+    from lgur.search.index import column_array
+
+    cols = video_searcher.index.files.columns
+    saved = cols["frame_image"]
+    try:
+        for bad in ("frames/../../walk.lgidx/manifest.json", "/etc/passwd", "crops/walk.avi/x.jpg"):
+            cols["frame_image"] = column_array([bad] * len(video_searcher), "str")
+            assert client.get("/frame/0").status_code in (403, 404), bad
+    finally:
+        cols["frame_image"] = saved
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                    reason="headless Chromium not installed (Debian: apt-get install chromium chromium-driver; "
+                           "tools/ensure_chromium.sh does it)")
+def test_video_page_shows_the_frame_of_a_clicked_hit(video_searcher, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1200,1000"):
+        opts.add_argument(flag)
+    query = "a man in a black jacket with a red backpack"
+    with running(create_app(video_searcher)) as url:
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+        try:
+            driver.set_page_load_timeout(30)
+            driver.get(url + "/")
+            wait = WebDriverWait(driver, 30)
+            wait.until(lambda d: d.find_element(By.ID, "per-track-label").is_displayed())  # a video index
+            driver.find_element(By.ID, "query").send_keys(query)
+            Select(driver.find_element(By.ID, "k")).select_by_visible_text("5")
+            driver.find_element(By.ID, "go").click()
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .hit.video")) >= 3)
+            [ref] = video_searcher.search([query], k=5, per_track=True)
+            whens = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results .hit .when")]
+            assert len(whens) == len(ref.hits) and all(w.startswith("walk.avi 0:0") for w in whens)
+            assert not driver.find_element(By.ID, "detail").is_displayed()
+            driver.find_elements(By.CSS_SELECTOR, "#results .hit.video")[1].click()
+            wait.until(lambda d: d.find_element(By.ID, "detail").is_displayed())
+            wait.until(lambda d: d.execute_script("const i = document.getElementById('detail-img');"
+                                                  "return i.complete && i.naturalWidth > 0"))
+            wait.until(lambda d: d.execute_script("return document.getElementById('detail-box').offsetWidth > 0"))
+            hit = ref.hits[1].video
+            text = driver.find_element(By.ID, "detail-text").text
+            assert text.startswith(f"#2 walk.avi at 0:0{hit['t']:.1f}") and f"frame {hit['frame']}" in text
+            # the drawn box sits where the hit's box is, scaled to the shown frame
+            geo = driver.execute_script(
+                "const i = document.getElementById('detail-img'), b = document.getElementById('detail-box');"
+                "return [i.clientWidth, b.offsetLeft, b.offsetTop, b.offsetWidth, b.offsetHeight]")
+            s = geo[0] / 640
+            x1, y1, x2, y2 = hit["box"]
+            assert geo[1:] == pytest.approx([x1 * s, y1 * s, (x2 - x1) * s, (y2 - y1) * s], abs=2)
+            driver.save_screenshot(str(tmp_path / "video_page.png"))
+        finally:
+            driver.quit()

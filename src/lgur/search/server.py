@@ -345,10 +345,11 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
     async def search(request: Request) -> dict:
         req = await read_body(request, SearchRequest)
         t = time.perf_counter()
-        if batcher is not None and not req.per_track:
-            result = await batcher.search(req.query, req.k)
+        options = {"per_track": True} if req.per_track else {}
+        if batcher is not None:
+            result = await batcher.search(req.query, req.k, **options)
         else:
-            [result] = await run_in_threadpool(searcher.search, [req.query], req.k, None, req.per_track)
+            [result] = await run_in_threadpool(lambda: searcher.search([req.query], req.k, **options))
         hits = [{**h.to_dict(), "url": f"/img/{h.id}", **({"frame_url": f"/frame/{h.id}"} if h.frame_file else {})}
                 for h in result.hits]
         return {"query": req.query, "k": req.k, "results": hits, "ms": round((time.perf_counter() - t) * 1e3, 2)}
