@@ -47,7 +47,7 @@ class Hit:
             return None
         t = m["t"]
         return {"video": m["video"], "frame": m.get("frame"), "t": t, "box": [m["x1"], m["y1"], m["x2"], m["y2"]],
-                "track": m.get("track"), "span": [m.get("track_start") or t, m.get("track_end") or t],
+                "track": m.get("track"), "span": [t if m.get(c) is None else m[c] for c in ("track_start", "track_end")],
                 "frame_size": [m.get("frame_w"), m.get("frame_h")]}
 
     def to_dict(self) -> dict:
