@@ -28,8 +28,8 @@ from lgur import _lazy
 SRC = Path(lgur.__file__).resolve().parent
 BASE = {"lgur", "lgur.errors", "lgur.config", "lgur._lazy", "lgur.files", "lgur.runtime"}
 LAYER_OF_AREA = {"data": 1, "models": 2, "checkpoint": 2, "losses": 3, "eval": 3, "engine": 4, "search": 5,
-                 "export": 5}
-TOP = 6
+                 "export": 5, "video": 6}
+TOP = 7
 
 
 def _modules(src: Path) -> dict[str, Path]:

@@ -7,7 +7,7 @@ import os
 import sys
 
 # module that defines `add_parsers(subparsers)` for each group of subcommands
-_AREAS = ["lgur.data.cli", "lgur.models.cli", "lgur.engine.cli", "lgur.search.cli", "lgur.demo"]
+_AREAS = ["lgur.data.cli", "lgur.models.cli", "lgur.engine.cli", "lgur.search.cli", "lgur.video.cli", "lgur.demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,22 +9,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="encode a folder of images, or the people in video footage, into a gallery "
                                      "index (incremental)",
                        description="--images: encodes all jpg/jpeg/png/bmp/webp files under IMAGES (recursively) "
-                                   "with the checkpoint's image encoder. --video: samples frames at --fps from a "
-                                   "video file, a folder of videos or a folder of frames, detects people, tracks "
-                                   "them and indexes the crops (written to OUT.media/) with video, time, box and "
-                                   "track. Re-running on the same OUT processes only new or changed files and "
-                                   "drops deleted ones; unreadable files are skipped and listed.")
+                                   "with the checkpoint's image encoder. --video (lgur.video.cli): samples frames "
+                                   "at --fps from a video file, a folder of videos or a folder of frames, detects "
+                                   "people, tracks them and indexes the crops (written to OUT.media/) with video, "
+                                   "time, box and track. Re-running on the same OUT processes only new or changed "
+                                   "files and drops deleted ones; unreadable files are skipped and listed.")
     p.add_argument("--checkpoint", required=True, help="lgur model file (.safetensors)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder of gallery images")
-    src.add_argument("--video", help="video file, folder of videos, or folder of frames (one sequence per folder)")
-    p.add_argument("--fps", type=float, help="--video: frames sampled per second (default: video.fps = 2)")
-    p.add_argument("--detector", help="--video: ssd-mobilenet | hog | onnx:PATH (default: video.detector = auto: "
-                                      "ssd-mobilenet if lgur[video] is installed, else hog)")
-    p.add_argument("--score-threshold", type=float, help="--video: detector score threshold (default 0.5)")
-    p.add_argument("--min-height", type=int, help="--video: drop person boxes lower than this many pixels "
-                                                   "(default: video.min_height = 48)")
-    p.add_argument("--frames-fps", type=float, help="--video: frame rate of a folder of frames (default 10)")
+    p.add_argument("--images", help="folder of gallery images (or --video)")
     p.add_argument("--out", required=True, help="index directory to create or update (e.g. gallery.lgidx)")
     p.add_argument("--dtype", choices=["fp16", "fp32"], help="stored embedding dtype (default: search.dtype)")
     p.add_argument("--batch-size", type=int, help="images per batch (default: search.batch_size)")
@@ -111,11 +102,10 @@ def index_cmd(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    if args.video is not None:
-        from lgur.config import defaults
+    if args.images is None:
+        from lgur.errors import LgurError
 
-        return video_index_cmd(args, defaults())
-
+        raise LgurError("give --images FOLDER (or --video PATH)")
     if args.nproc is not None and args.nproc > 1:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from lgur.errors import LgurError
@@ -129,11 +119,6 @@ def index_cmd(args: argparse.Namespace) -> int:
     from lgur.search.index import PathPattern, read_sidecar
 
     scfg = defaults().search
-    for opt in ("fps", "detector", "score_threshold", "min_height", "frames_fps"):
-        if getattr(args, opt) is not None:
-            from lgur.errors import LgurError
-
-            raise LgurError(f"--{opt.replace('_', '-')} applies to --video only")
     metadata = [PathPattern(args.meta_pattern)] if args.meta_pattern else []
     if args.meta:
         metadata.append(read_sidecar(args.meta))
@@ -149,28 +134,6 @@ def index_cmd(args: argparse.Namespace) -> int:
         if cols:
             print("metadata columns: " + ", ".join(f"{k} ({v})" for k, v in cols.items()))
         print(f"index written to {args.out}")
-    return 0
-
-
-def video_index_cmd(args: argparse.Namespace, cfg) -> int:
-    from lgur.errors import LgurError
-    from lgur.video.ingest import VideoSettings, index_video
-
-    if args.nproc is not None and args.nproc > 1 or args.meta or args.meta_pattern:
-        raise LgurError("--video indexes on one process and writes its own metadata (video, time, box, track); "
-                        "leave out --nproc, --meta and --meta-pattern")
-    scfg = cfg.search
-    settings = VideoSettings.from_config(cfg.video, fps=args.fps, detector=args.detector,
-                                         score_threshold=args.score_threshold, min_height=args.min_height,
-                                         frames_fps=args.frames_fps)
-    _, report, vreport = index_video(args.checkpoint, args.video, args.out, settings, dtype=args.dtype or scfg.dtype,
-                                     batch_size=args.batch_size or scfg.batch_size,
-                                     num_workers=scfg.num_workers if args.workers is None else args.workers,
-                                     device=args.device, ann=args.ann, pca=args.pca, search_cfg=scfg,
-                                     progress=not args.quiet)
-    print(vreport.summary())
-    print(report.summary())
-    print(f"index written to {args.out} (crops and frames in {args.out.rstrip('/')}.media)")
     return 0
 
 
