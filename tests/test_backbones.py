@@ -293,3 +293,39 @@ def test_minilm_loads_real_weights():
     emb = torch.nn.functional.normalize((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
     sim = emb @ emb.T
     assert sim[0, 1] > sim[0, 2] + 0.3, sim
+
+
+def test_frozen_image_blocks_get_no_gradient_and_keep_batchnorm_statistics():
+    cfg = model_cfg(image_backbone="efficientnet_lite0", dim=64, image_frozen_blocks=3)
+    bb = build_image_backbone(cfg, (128, 64), pretrained=False).train()
+    net = bb.model
+    frozen = [net._conv_stem, net._bn0, *net._blocks[:3]]
+    stats = {id(m): m.running_mean.clone() for f in frozen for m in f.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    bb(torch.randn(2, 3, 128, 64)).square().mean().backward()
+    assert all(p.grad is None and not p.requires_grad for f in frozen for p in f.parameters())
+    assert all(p.grad is not None for p in net._blocks[3].parameters())
+    assert all(torch.equal(m.running_mean, stats[id(m)]) for f in frozen for m in f.modules() if id(m) in stats)
+    assert not net._blocks[3]._bn1.running_mean.eq(0).all()  # trained blocks still update theirs
+    with pytest.raises(ConfigError, match="image_frozen_blocks"):
+        build_image_backbone(model_cfg(image_backbone="efficientnet_lite0", image_frozen_blocks=17), (64, 32),
+                             pretrained=False)
+    vit = build_image_backbone(model_cfg(image_backbone="vit_tiny", dim=64, image_frozen_blocks=1), (64, 32),
+                               pretrained=False)
+    assert not vit.model.pos_embed.requires_grad and not vit.model.blocks[0].norm1.weight.requires_grad
+    assert vit.model.blocks[1].norm1.weight.requires_grad
+
+
+def test_channels_last_changes_no_number():
+    seen = []
+    outs = {}
+    for cl in (False, True):
+        torch.manual_seed(0)
+        bb = build_image_backbone(model_cfg(image_backbone="efficientnet_lite0", dim=64, channels_last=cl),
+                                  (128, 64), pretrained=False).eval()
+        h = bb.model._conv_stem.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(
+            memory_format=torch.channels_last)))
+        with torch.no_grad():
+            outs[cl] = bb(torch.randn(2, 3, 128, 64, generator=torch.Generator().manual_seed(1)))
+        h.remove()
+    assert seen == [False, True]
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-5)

@@ -2,8 +2,13 @@
 
 Each identity is a combination of attributes (gender, hair, upper and lower garment type and colour,
 shoes, bag) that its captions mention, so a text->image model can learn to match them; the images of
-one identity differ only in nuisances (pose, view, background clutter, scale/position, lighting, blur,
-JPEG noise). The output uses the CUHK-PEDES layout, so the real reader reads it:
+one identity differ only in nuisances (pose, view, background, scale/position, lighting, blur, noise,
+JPEG artefacts, a passer-by partly in front or behind). The nuisances imitate fixed-camera footage, so
+that a model trained here transfers to real crops (tests/data/vtest_real): most backgrounds are windows
+of a real empty plaza (backgrounds/vtest_plaza.jpg: the median over time of OpenCV's vtest.avi, made by
+tools/vtest_real.py), the rest procedural street clutter; most images go through a camera model (the
+walker rendered at a low native resolution, sensor noise, video-grade JPEG, then upscaled) with muted
+colours. The output uses the CUHK-PEDES layout, so the real reader reads it:
 
     OUT/reid_raw.json      [{file_path, captions, processed_tokens, id, split}, ...]
     OUT/imgs/<split>/<id>_<k>.jpg
@@ -15,6 +20,8 @@ regardless of the number of worker processes.
 """
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 import re
@@ -22,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from lgur.errors import DataError
 
@@ -30,11 +37,15 @@ IMAGE_SIZE = (384, 128)  # H, W (CUHK-PEDES resize size)
 _SS = 2  # supersampling factor of the drawing canvas (smooth edges after the downscale)
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train/val/test identities, in id order like CUHK-PEDES
 JPEG_QUALITY = 90
+BACKGROUNDS = Path(__file__).with_name("backgrounds")  # real empty-scene photos (*.jpg), see the docstring
+REAL_BACKGROUND_P = 0.65  # images on a window of a real background (else procedural clutter)
+CAMERA_P = 0.75           # images through the low-resolution camera model
+OCCLUDER_P = 0.3          # images with a second walker partly in front of or behind the person
 
 COLORS = {
     "red": (200, 30, 35), "blue": (35, 75, 195), "green": (40, 140, 60), "yellow": (235, 205, 40),
     "black": (28, 28, 32), "white": (236, 236, 236), "gray": (128, 128, 132), "pink": (240, 140, 185),
-    "purple": (120, 50, 155), "orange": (240, 120, 25), "brown": (120, 75, 40),
+    "purple": (120, 50, 155), "orange": (240, 120, 25), "brown": (120, 75, 40), "navy": (28, 34, 74),
 }
 # words a caption may use for a colour
 COLOR_WORDS = {c: ([c, "grey"] if c == "gray" else [c]) for c in COLORS}
@@ -51,7 +62,7 @@ UPPER = {
     "tank top": ["tank top", "sleeveless top", "sleeveless shirt"],
 }
 LOWER = {
-    "trousers": ["pants", "trousers", "long pants", "slacks"],
+    "trousers": ["pants", "trousers", "long pants", "slacks", "jeans"],
     "shorts": ["shorts", "short pants"],
     "skirt": ["skirt", "short skirt", "knee-length skirt"],
     "long skirt": ["long skirt", "maxi skirt", "ankle-length skirt"],
@@ -396,22 +407,75 @@ def _draw_person(d: ImageDraw.ImageDraw, b: _Body, a: dict, rng: np.random.Gener
         b.poly(d, [(hx - 0.045, hy + 0.02), (hx + 0.045, hy + 0.02), (hx + 0.05, hy + 0.1), (hx - 0.05, hy + 0.1)], bag)
 
 
+@functools.lru_cache(maxsize=None)
+def _real_backgrounds() -> tuple[np.ndarray, ...]:
+    return tuple(np.asarray(Image.open(p).convert("RGB")) for p in sorted(BACKGROUNDS.glob("*.jpg")))
+
+
+def _real_background(rng: np.random.Generator, h: int, w: int) -> Image.Image | None:
+    """A random window of a real background at the canvas's aspect ratio, as tall as a detector's box
+    around a walker in that scene is (vtest.avi: walkers ~25 % of the frame height), maybe mirrored."""
+    images = _real_backgrounds()
+    if not images:
+        return None
+    img = images[int(rng.integers(len(images)))]
+    H, W = img.shape[:2]
+    ch = int(min(rng.uniform(0.2, 0.55) * H, W * h / w))
+    cw = max(int(ch * w / h), 1)
+    y0, x0 = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1))
+    crop = Image.fromarray(img[y0:y0 + ch, x0:x0 + cw])
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    return crop.resize((w, h), Image.BILINEAR)
+
+
+def _camera(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Fixed-camera footage: the walker is seen at a low native resolution (a box 90-260 px tall), with
+    sensor noise and video-grade JPEG at that resolution, then upscaled to the image size."""
+    w, h = img.size
+    nh = int(rng.uniform(90, 260))
+    nw = max(int(round(nh * w / h)), 8)
+    small = np.asarray(img.resize((nw, nh), Image.BILINEAR), dtype=np.float32)
+    small = small + rng.standard_normal(small.shape, dtype=np.float32) * rng.uniform(2, 8)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(small, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(rng.integers(25, 80)))
+    buf.seek(0)
+    with Image.open(buf) as jpeg:
+        return jpeg.convert("RGB").resize((w, h), Image.BICUBIC)
+
+
 def render(a: dict, rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE) -> Image.Image:
-    """One image of an identity with random pose, view, background, placement, lighting and blur."""
+    """One image of an identity with random pose, view, background, placement, passer-by, lighting,
+    colour, blur and camera degradation."""
     h, w = size[0] * _SS, size[1] * _SS
-    canvas = _background(rng, h, w)
-    height = h * rng.uniform(0.78, 0.94)
+    canvas = _real_background(rng, h, w) if rng.random() < REAL_BACKGROUND_P else None
+    if canvas is None:
+        canvas = _background(rng, h, w)
+    height = h * rng.uniform(0.72, 0.94)
     top = rng.uniform(0.01 * h, max(h - height - 0.005 * h, 0.011 * h))
     body = _Body(w / 2 + rng.uniform(-0.1, 0.1) * w, top, height)
-    _draw_person(ImageDraw.Draw(canvas), body, a, rng)
+    draw = ImageDraw.Draw(canvas)
+    occluder = None
+    if rng.random() < OCCLUDER_P:  # another walker, off-centre, of similar size, behind or in front
+        side = 1 if rng.random() < 0.5 else -1
+        other = _Body(w / 2 + side * rng.uniform(0.45, 0.8) * w, top + rng.uniform(-0.08, 0.08) * h,
+                      height * rng.uniform(0.85, 1.1))
+        occluder = (other, sample_identity(rng), rng.random() < 0.4)
+        if not occluder[2]:
+            _draw_person(draw, other, occluder[1], rng)
+    _draw_person(draw, body, a, rng)
+    if occluder is not None and occluder[2]:
+        _draw_person(draw, occluder[0], occluder[1], rng)
     img = np.asarray(canvas.resize((size[1], size[0]), Image.BOX), dtype=np.float32)
     gain = rng.uniform(0.72, 1.22) * rng.uniform(0.95, 1.05, 3)  # brightness and colour cast
     contrast = rng.uniform(0.8, 1.15)
     img = (img - img.mean()) * contrast + img.mean()
     img = img * gain.astype(np.float32) + rng.standard_normal(img.shape, dtype=np.float32) * rng.uniform(1, 6)
     out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    out = ImageEnhance.Color(out).enhance(rng.uniform(0.55, 1.05))  # footage has muted colours
     radius = rng.uniform(0, 1.2)
-    return out.filter(ImageFilter.GaussianBlur(radius)) if radius > 0.3 else out
+    out = out.filter(ImageFilter.GaussianBlur(radius)) if radius > 0.3 else out
+    return _camera(out, rng) if rng.random() < CAMERA_P else out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -426,12 +490,12 @@ def _split_of(k: int, n: int) -> str:
 
 def _make_identity(job: tuple) -> list[dict]:
     """Render and write the images of one identity; returns its annotation records."""
-    out, seed, pid, split, attrs, images_per_id = job
+    out, seed, pid, split, attrs, images_per_id, size = job
     records = []
     for k in range(images_per_id):
         rng = np.random.default_rng([seed, pid, k])
         rel = f"{split}/{pid:05d}_{k}.jpg"
-        render(attrs, rng).save(Path(out) / "imgs" / rel, quality=JPEG_QUALITY)
+        render(attrs, rng, size).save(Path(out) / "imgs" / rel, quality=JPEG_QUALITY)
         captions = [describe(attrs, rng)]
         while len(captions) < 2:
             c = describe(attrs, rng)
@@ -443,8 +507,10 @@ def _make_identity(job: tuple) -> list[dict]:
 
 
 def generate(out: str | Path, num_ids: int, seed: int = 0, images_per_id: int = 4, workers: int | None = None,
-             overwrite: bool = False, progress: bool = True) -> Path:
-    """Write a synthetic dataset in the CUHK-PEDES layout to `out` and return its annotation file."""
+             overwrite: bool = False, progress: bool = True, image_size: tuple[int, int] = IMAGE_SIZE) -> Path:
+    """Write a synthetic dataset in the CUHK-PEDES layout to `out` and return its annotation file.
+    `image_size` (H, W): the stored images' size (CUHK-PEDES-like 384x128 by default; a model's input size
+    saves decoding and resizing when only that model trains on it, as `lgur demo` does)."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -456,7 +522,9 @@ def generate(out: str | Path, num_ids: int, seed: int = 0, images_per_id: int = 
     splits = [_split_of(k, num_ids) for k in range(num_ids)]
     for s in set(splits):
         (out / "imgs" / s).mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), seed, pid, splits[pid - 1], identities[pid - 1], images_per_id) for pid in range(1, num_ids + 1)]
+    size = (int(image_size[0]), int(image_size[1]))
+    jobs = [(str(out), seed, pid, splits[pid - 1], identities[pid - 1], images_per_id, size)
+            for pid in range(1, num_ids + 1)]
     workers = min(workers or os.cpu_count() or 1, num_ids)
     bar = dict(total=num_ids, desc="rendering identities", unit="id", disable=not progress)
     if workers > 1:

@@ -108,11 +108,14 @@ class TrainStep:
             self.scaler = grad_scaler(self.device, None)
 
     def __call__(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 labels: torch.Tensor, lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 labels: torch.Tensor, lengths: torch.Tensor | None = None,
+                 text_hidden: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """`lengths`: the batch's caption lengths, left on the CPU (the text encoder packs with them
-        instead of copying the mask's sums back from the device)."""
+        instead of copying the mask's sums back from the device). `text_hidden`: the frozen text
+        backbone's output for these captions (train.cache_text)."""
         with autocast(self.device, self.dtype):
-            outputs = self.model(images, input_ids, attention_mask, lengths)
+            extra = {} if text_hidden is None else {"text_hidden": text_hidden}
+            outputs = self.model(images, input_ids, attention_mask, lengths, **extra)
         outputs = {k: v.float() for k, v in outputs.items()}
         if self.gather_world > 1:
             outputs = {k: gather_with_grad(v) for k, v in outputs.items()}
@@ -147,6 +150,7 @@ class Trainer:
     history: list = field(default_factory=list)
     augment_state: torch.Tensor | None = None  # DeviceAugment generator state of a mid-epoch resume
     annotations: object = None      # the dataset's Annotations (its report goes into results.json)
+    text_cache: object = None       # TextHiddenCache (train.cache_text) or None
 
     @property
     def core(self) -> torch.nn.Module:
@@ -174,9 +178,11 @@ class Trainer:
             if self.step_in_epoch >= n_steps:
                 break
             labels = batch["labels"].to(dev, non_blocking=True)
+            hidden = self.text_cache.lookup(batch["indices"]) if self.text_cache is not None else None
             logged = self.step_fn(prepare(batch["images"].to(dev, non_blocking=True), True),
                                   batch["input_ids"].to(dev, non_blocking=True),
-                                  batch["attention_mask"].to(dev, non_blocking=True), labels, batch.get("lengths"))
+                                  batch["attention_mask"].to(dev, non_blocking=True), labels, batch.get("lengths"),
+                                  hidden)
             for k, v in logged.items():  # device tensors: no host sync on the hot path
                 total[k] = total.get(k, 0.0) + v
                 window[k] = window.get(k, 0.0) + v
@@ -362,6 +368,9 @@ def load_data(cfg):
     ann = load_annotations(dc.root, dc.skip_train_ids, dc.max_bad_fraction)
     ann.raise_if_duplicates(bool(dc.allow_duplicate_images))
     check_selection(cfg, ann)
+    if cfg.train.cache_text and (not cfg.model.freeze_text or cfg.model.text_dropout_in_train):
+        raise ConfigError("train.cache_text reuses the frozen text backbone's output, so it needs "
+                          "model.freeze_text=true and model.text_dropout_in_train=false (no dropout in it)")
     return ann
 
 
@@ -399,6 +408,11 @@ def build_trainer(cfg, env: DistEnv, run_dir: Path | None, ann, resume_state: di
                      env.world if env.distributed and cfg.train.gather_embeddings else 1, cfg.optim.grad_clip)
     trainer = Trainer(cfg, env, run_dir, step, build_scheduler(optimizer, cfg.optim), loaders, Monitor(None),
                       ann.num_train_ids, annotations=ann)
+    if cfg.train.cache_text:
+        from lgur.engine.text_cache import TextHiddenCache
+
+        trainer.text_cache = TextHiddenCache(core.text, loaders.train_set.tokens, env.device, dtype,
+                                             cfg.eval.batch_size, progress=env.main)
     if resume_state is not None:
         with _resume_errors(resume_weights):
             trainer.load(resume_state)

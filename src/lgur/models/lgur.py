@@ -142,10 +142,18 @@ class LGUR(nn.Module):
         return out
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                lengths: torch.Tensor | None = None, text_hidden: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
         """Training path: dict of (B, K, embed_dim) branch part stacks (see the module docstring).
-        `lengths`: the batch's caption lengths on the CPU (no device->host sync; see backbones.text)."""
-        T = self.text(input_ids, attention_mask, lengths)
+        `lengths`: the batch's caption lengths on the CPU (no device->host sync; see backbones.text).
+        `text_hidden`: the frozen text backbone's output for these captions, precomputed
+        (train.cache_text, lgur.engine.text_cache); then only the text encoder's trainable part runs."""
+        if text_hidden is None:
+            T = self.text(input_ids, attention_mask, lengths)
+        else:
+            from lgur.models.backbones.text import host_lengths
+
+            T = self.text.encode_hidden(text_hidden, host_lengths(attention_mask, lengths))
         return self.heads(self.image(images), T, attention_mask[:, : T.shape[1]])
 
     # ---- test path (dual encoder: no CMG, no V_g)

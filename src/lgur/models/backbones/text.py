@@ -128,6 +128,11 @@ class TextEncoder(nn.Module):
             self.backbone.eval()
         return self
 
+    def dropout_active_in_train(self) -> bool:
+        """Whether the backbone runs with active dropout in training (then its output varies per step)."""
+        c = self.backbone.config
+        return self.dropout_in_train and (c.hidden_dropout_prob > 0 or c.attention_probs_dropout_prob > 0)
+
     def encode_hidden(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Post-BERT path: hidden states (B,L,H) and caption lengths (B,) -> (B, max(lengths), dim),
         padded steps exactly 0."""
