@@ -16,7 +16,8 @@ def test_real_set_integrity():
     from lgur.data.annotations import load_annotations
 
     records = json.loads((REAL / "reid_raw.json").read_text())
-    ann = load_annotations(REAL)
+    ann = load_annotations(REAL, max_bad_fraction=None)
+    ann.raise_if_unusable(0.0, splits=("test",))
     assert ann.layout == "cuhk-pedes" and len(ann.problems) == 0
     assert ann.counts()["test"] == {"images": 15, "captions": 30, "ids": 8}
     assert not ann.train and not ann.val
@@ -61,7 +62,8 @@ def test_real_set_evaluates_with_chance_levels(seed):
     cfg = load_config("lgur_tiny")
     torch.manual_seed(seed)
     model = build_model(cfg, 0, pretrained=False).eval()
-    ann = load_annotations(REAL)
+    ann = load_annotations(REAL, max_bad_fraction=None)
+    ann.raise_if_unusable(0.0, splits=("test",))
     split = build_eval_split("real", ann.test, model, cfg, 16)
     m = evaluate(model, split, torch.device("cpu"), None, lambda x, train: x, ("t2i",), progress=False)["t2i"]
     assert len(split.caption_pids) == 30 and len(split.image_pids) == 15

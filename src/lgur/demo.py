@@ -54,7 +54,8 @@ def real_set_metrics(checkpoint: Path, root: Path = REAL_SET) -> tuple[dict, dic
 
     if not (root / "reid_raw.json").is_file():
         return None
-    ann = load_annotations(root)
+    ann = load_annotations(root, max_bad_fraction=None)  # a test-only set
+    ann.raise_if_unusable(0.0, splits=("test",))
     model, cfg, _ = load_model(checkpoint)
     split = build_eval_split("real", ann.test, model, cfg, cfg.eval.batch_size)
     metrics = evaluate(model, split, next(model.parameters()).device, None, lambda x, train: x, ("t2i",),
