@@ -1,4 +1,4 @@
-"""The package graph has no cycles and every import follows data -> models -> losses -> engine -> search.
+"""The package graph has no cycles and every import follows data -> models -> losses -> engine -> search/export.
 
 Read from the AST of every module under src/lgur, imports at the top AND inside functions (a lazy
 import is still a dependency). Names taken from a package face (`from lgur.search import Searcher`)
@@ -9,7 +9,7 @@ attribute access) and `if TYPE_CHECKING:` blocks.
 Layers (a module may import its own layer and the ones below it):
     0 base: lgur, errors, config, _lazy, files, runtime
     1 data          2 models (+ lgur.checkpoint, its public name)
-    3 losses, eval  4 engine          5 search (+ export)
+    3 losses, eval  4 engine          5 search, export
 The command line sits on top: lgur.cli, lgur.__main__ and lgur.demo may import anything. An area's own
 CLI module (`data/cli.py`, ...) is held to its area's layer (`lgur data-check` must not need models),
 and nothing but a CLI module may import a CLI module.

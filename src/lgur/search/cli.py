@@ -246,7 +246,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
 
 
 def export_cmd(args: argparse.Namespace) -> int:
-    from lgur.search.export import export_onnx
+    from lgur.export.onnx import export_onnx
 
     report = export_onnx(args.checkpoint, args.out, opset=args.opset)
     print(report)
