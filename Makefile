@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-$(shell cat requirements.txt requirements-weights.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: venv demo test bench gpu-check clean
+.PHONY: venv demo test test-fast bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: venv
 test: venv
 	@bash tools/ensure_chromium.sh
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests
+
+# the inner loop: every test but those marked slow (training runs, torchrun, Chromium, the demo)
+test-fast: venv
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: venv
 	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

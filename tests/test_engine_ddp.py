@@ -106,6 +106,7 @@ def _grad_excess(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
     return {k: float((got[k] - g).norm() / (GRAD_RTOL * g.norm() + GRAD_ATOL * total)) for k, g in want.items()}
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_two_process_step_equals_single_process_step(tmp_path):
     from safetensors.torch import load_file
 
@@ -166,6 +167,7 @@ def test_two_process_step_equals_single_process_step(tmp_path):
     assert max(wrong.values()) > 100, max(wrong.values())
 
 
+@pytest.mark.slow  # lgur train --nproc 2
 def test_cli_nproc_2_trains_and_tears_down(synth_root, tmp_path):
     """`lgur train --nproc 2`: one run folder written by rank 0, with results, and a clean exit."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}

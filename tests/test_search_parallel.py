@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from lgur.search.index import GalleryIndex, build_index
@@ -24,6 +25,7 @@ def _index_nproc(checkpoint, gallery, out, extra_path: Path | None = None) -> su
                           env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow  # lgur index --nproc 2 (torchrun), three times
 def test_two_process_index_equals_single_process(tmp_path, synth_root):
     from test_search_index import make_checkpoint
 

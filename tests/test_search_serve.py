@@ -195,6 +195,7 @@ CHROMEDRIVER = shutil.which("chromedriver")
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                     reason="headless Chromium not installed (Debian: apt-get install chromium chromium-driver; "
                            "tools/ensure_chromium.sh does it)")
+@pytest.mark.slow  # Chromium
 def test_page_in_headless_chromium(live_server, searcher):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
