@@ -599,3 +599,30 @@ def test_writer_shards_and_multi_shard_search(tmp_path, monkeypatch):
         brute = torch.from_numpy(subset)[(q @ one.embeddings[subset].float().T).argsort(1, descending=True)]
         assert torch.equal(got[1][:, :6], brute) and (got[1][:, 6:] == -1).all()
     assert isinstance(idx.store, Shards) and idx.store.mapped
+
+
+def test_filter_router_scans_small_subsets_exactly():
+    """A filter keeping few rows is searched by an exact scan of those rows, a large one through the ANN
+    with its ID selector; unfiltered queries always go to the ANN."""
+    from lgur.search.searcher import FilterRouter
+
+    calls = []
+
+    class Spy:
+        first, store = "first", "store"
+
+        def __init__(self, name):
+            self.name = name
+
+        def __len__(self):
+            return 100
+
+        def search(self, q, k, subset=None):
+            calls.append((self.name, None if subset is None else len(subset)))
+            return "ok"
+
+    router = FilterRouter(Spy("ann"), Spy("exact"), max_rows=10)
+    router.search(None, 5)
+    router.search(None, 5, subset=np.arange(10))
+    router.search(None, 5, subset=np.arange(11))
+    assert calls == [("ann", None), ("exact", 10), ("ann", 11)]

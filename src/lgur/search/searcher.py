@@ -103,7 +103,12 @@ def make_engine(index: GalleryIndex, mode: str, scfg, device: torch.device):
     components = index.components.to(device) if index.components is not None else None
     if index.ann is not None and (mode == "ann" or len(index) >= int(scfg.ann_threshold)):
         first = FaissSearch(index.ann, ann["param"], ann["value"])
-        return TwoStageSearch(first, exact.store, components, int(ann["rerank"]))  # as tuned at build time
+        engine = TwoStageSearch(first, exact.store, components, int(ann["rerank"]))  # as tuned at build time
+        # a small filtered subset: an exact scan of its rows (PCA rows when built, re-ranked) beats probing
+        # most of the IVF lists for the few allowed rows among them
+        small = (TwoStageSearch(ExactSearch(index.reduced, scfg.compute_dtype, scfg.chunk_rows, device), exact.store,
+                                components, int(index.manifest["pca"]["rerank"])) if components is not None else exact)
+        return FilterRouter(engine, small, int(scfg.filter_exact_rows))
     if components is not None:
         first = ExactSearch(index.reduced, scfg.compute_dtype, scfg.chunk_rows, device)
         return TwoStageSearch(first, exact.store, components, int(index.manifest["pca"]["rerank"]))
@@ -127,6 +132,23 @@ def length_buckets(lengths: Sequence[int], max_batch: int, max_padding: float = 
             buckets.append([i])
             real = lengths[i]
     return buckets
+
+
+class FilterRouter:
+    """`engine` for unfiltered queries and large filtered subsets; `small` (an exact scan of the subset's
+    rows) when a filter keeps at most `max_rows` rows."""
+
+    def __init__(self, engine, small, max_rows: int):
+        self.engine, self.small, self.max_rows = engine, small, int(max_rows)
+        self.first, self.store = engine.first, engine.store  # what callers inspect
+
+    def __len__(self) -> int:
+        return len(self.engine)
+
+    def search(self, queries: torch.Tensor, k: int, subset: np.ndarray | None = None):
+        if subset is not None and len(subset) <= self.max_rows:
+            return self.small.search(queries, k, subset=subset)
+        return self.engine.search(queries, k, **({} if subset is None else {"subset": subset}))
 
 
 class Searcher:

@@ -72,6 +72,10 @@ class Shards:
             raise ValueError("Shards: parts differ in width or dtype")
         self.shape = torch.Size((int(self.offsets[-1]), d.pop()))
         self.dtype, self.device = self.parts[0].dtype, self.parts[0].device
+        # numpy views for gathers: numpy's fancy indexing of a memory-mapped array measured 1.3 ms for 10k
+        # rows of 256 fp16 where torch indexing of the same mapped tensor took 20-50 ms (2-core box)
+        self._np = ([p.numpy() for p in self.parts] if self.device.type == "cpu" and self.dtype != torch.bfloat16
+                    else None)
 
     @classmethod
     def of(cls, x: "torch.Tensor | Shards") -> "Shards":
@@ -93,15 +97,19 @@ class Shards:
     def take(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (any shape of non-negative ids) -> ids.shape + (D,), reading only those rows."""
         ids = torch.as_tensor(ids, dtype=torch.long)
-        if len(self.parts) == 1:
-            return self.parts[0][ids.to(self.device)]
+        if self._np is None:
+            if len(self.parts) == 1:
+                return self.parts[0][ids.to(self.device)]
+            return self.contiguous()[ids.to(self.device)]
         flat = ids.reshape(-1).cpu().numpy()
+        if len(self.parts) == 1:
+            return torch.from_numpy(self._np[0][flat]).reshape(*ids.shape, self.shape[1])
         which = np.searchsorted(self.offsets[1:], flat, side="right")
-        out = torch.empty(len(flat), self.shape[1], dtype=self.dtype, device=self.device)
+        out = np.empty((len(flat), self.shape[1]), dtype=self._np[0].dtype)
         for k in np.unique(which):
             m = which == k
-            out[torch.from_numpy(m)] = self.parts[k][torch.from_numpy(flat[m] - self.offsets[k])]
-        return out.reshape(*ids.shape, self.shape[1])
+            out[m] = self._np[k][flat[m] - self.offsets[k]]
+        return torch.from_numpy(out).reshape(*ids.shape, self.shape[1])
 
     def contiguous(self) -> torch.Tensor:
         return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
