@@ -212,33 +212,6 @@ def test_eval_metrics_on_cuda_equal_cpu(synth_root, tmp_path, tokenizer_override
     assert all(math.isclose(on_dev[d][k], on_cpu[d][k], abs_tol=1e-7) for d in directions for k in on_cpu[d])
 
 
-def test_compiled_model_equals_eager(synth_root, tmp_path, tokenizer_overrides):
-    """torch.compile (inductor on CUDA; aot_eager on the CPU dry run, which traces without a C++
-    toolchain): same branch outputs, then the same loss and weights after one training step."""
-    from lgur.models import build_model
-
-    cfg = _cfg(synth_root, tmp_path, tokenizer_overrides)
-    torch.manual_seed(0)
-    eager = build_model(cfg, 4, pretrained=False).to(DEVICE).train()
-    other = copy.deepcopy(eager)
-    compiled = torch.compile(other, backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
-    images, ids, mask, labels, lengths = _batch(cfg)
-    with _no_tf32():
-        with torch.no_grad():
-            out_e, out_c = eager(images, ids, mask, lengths), compiled(images, ids, mask, lengths)
-        for k in out_e:
-            diff = float((out_c[k] - out_e[k]).abs().max())
-            assert torch.allclose(out_c[k], out_e[k], atol=1e-4, rtol=1e-3), (k, diff)
-        step_e, step_c = _step(cfg, eager, None), _step(cfg, other, None)
-        step_c.model = compiled
-        for _ in range(2):
-            le, lc = step_e(images, ids, mask, labels, lengths), step_c(images, ids, mask, labels, lengths)
-            lc, le = float(lc["loss"]), float(le["loss"])
-            assert math.isclose(lc, le, rel_tol=1e-3), (lc, le)
-    for (name, p), q in zip(eager.named_parameters(), other.parameters()):
-        assert torch.allclose(p, q, atol=1e-4, rtol=1e-3), name
-
-
 def test_resume_on_cuda_is_exact(synth_root, tmp_path, tokenizer_overrides):
     """Interrupted after the step-4 checkpoint (mid-epoch 2), resumed: the same final weights as the
     uninterrupted run, with the GPU-side image augmentation and bf16 (deterministic algorithms on:
@@ -279,3 +252,30 @@ def test_resume_on_cuda_is_exact(synth_root, tmp_path, tokenizer_overrides):
     assert resumed.keys() == reference.keys()
     differ = [k for k in reference if not torch.equal(resumed[k], reference[k])]
     assert not differ, differ[:5]
+
+
+def test_compiled_model_equals_eager(synth_root, tmp_path, tokenizer_overrides):
+    """torch.compile (inductor on CUDA; aot_eager on the CPU dry run, which traces without a C++
+    toolchain): same branch outputs, then the same loss and weights after one training step."""
+    from lgur.models import build_model
+
+    cfg = _cfg(synth_root, tmp_path, tokenizer_overrides)
+    torch.manual_seed(0)
+    eager = build_model(cfg, 4, pretrained=False).to(DEVICE).train()
+    other = copy.deepcopy(eager)
+    compiled = torch.compile(other, backend="inductor" if DEVICE.type == "cuda" else "aot_eager")
+    images, ids, mask, labels, lengths = _batch(cfg)
+    with _no_tf32():
+        with torch.no_grad():
+            out_e, out_c = eager(images, ids, mask, lengths), compiled(images, ids, mask, lengths)
+        for k in out_e:
+            diff = float((out_c[k] - out_e[k]).abs().max())
+            assert torch.allclose(out_c[k], out_e[k], atol=1e-4, rtol=1e-3), (k, diff)
+        step_e, step_c = _step(cfg, eager, None), _step(cfg, other, None)
+        step_c.model = compiled
+        for _ in range(2):
+            le, lc = step_e(images, ids, mask, labels, lengths), step_c(images, ids, mask, labels, lengths)
+            lc, le = float(lc["loss"]), float(le["loss"])
+            assert math.isclose(lc, le, rel_tol=1e-3), (lc, le)
+    for (name, p), q in zip(eager.named_parameters(), other.parameters()):
+        assert torch.allclose(p, q, atol=1e-4, rtol=1e-3), name
