@@ -520,6 +520,16 @@ def test_batcher_is_bounded_and_passes_errors_to_each_request(searcher):
 
     [err] = asyncio.run(bad())
     assert isinstance(err, SearchError)
+
+    batcher = QueryBatcher(searcher, max_batch=4, window_s=0.05, max_pending=100)
+
+    async def one_bad_among_good():  # only the request at fault fails; the others of its batch are answered
+        return await asyncio.gather(*(batcher.search(q, 2) for q in ("a man", " ", "a woman", "a boy")),
+                                    return_exceptions=True)
+
+    out = asyncio.run(one_bad_among_good())
+    assert isinstance(out[1], SearchError) and all(len(out[i].hits) == 2 for i in (0, 2, 3))
+    assert batcher.batches == [4]
     assert len(asyncio.run(asyncio.wait_for(batcher.search("a man", 2), 30)).hits) == 2
 
 

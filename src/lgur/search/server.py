@@ -275,10 +275,13 @@ class QueryBatcher:
         try:
             results = await run_in_threadpool(self.searcher.search, [b[0] for b in batch], [b[1] for b in batch],
                                               **batch[0][2])
-        except Exception as e:  # noqa: BLE001 -- every waiting request gets the error, the worker goes on
-            for *_, fut in batch:
-                if not fut.done():
-                    fut.set_exception(e)
+        except Exception as e:  # noqa: BLE001 -- the worker goes on; only the request(s) at fault get the error
+            if len(batch) > 1:  # one query of many failed the batch: run them alone, so the others are answered
+                for b in batch:
+                    await self._run_one([b])
+                return
+            if not batch[0][3].done():
+                batch[0][3].set_exception(e)
             return
         for (*_, fut), result in zip(batch, results):
             if not fut.done():
