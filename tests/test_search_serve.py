@@ -653,3 +653,38 @@ def test_video_page_shows_the_frame_of_a_clicked_hit(video_searcher, tmp_path):
             driver.save_screenshot(str(tmp_path / "video_page.png"))
         finally:
             driver.quit()
+
+
+def test_filtered_requests_are_batched_apart_and_answer_like_the_searcher(own_gallery):
+    """`where` in the JSON body filters by a metadata column; concurrent requests with different filters are
+    each answered as Searcher.search answers them alone; a bad filter is a readable 422."""
+    import httpx
+    import numpy as np
+
+    index = own_gallery[0]
+    m = json.loads((index / "manifest.json").read_text())
+    np.save(index / m["data"] / "col-camera.npy", np.arange(m["count"], dtype=np.int64) % 3, allow_pickle=False)
+    edit_manifest(index, lambda m: m["columns"].update(camera="int"))
+    searcher = Searcher(index, device="cpu")
+    asks = [(q, ["camera=1"] if i % 3 == 0 else "camera=2" if i % 3 == 1 else None) for i, q in enumerate(QUERIES)]
+    app = create_app(searcher, batch_window_ms=50)
+    with running(app) as url:
+        async def many():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                return await asyncio.gather(*(c.post("/api/search", json={"query": q, "k": 5, "where": w})
+                                              for q, w in asks))
+
+        answers = [r.json() for r in asyncio.run(many())]
+    assert max(app.state.batcher.batches) > 1
+    for (q, w), body in zip(asks, answers):
+        [ref] = searcher.search([q], k=5, where=w)
+        assert [h["id"] for h in body["results"]] == [h.id for h in ref.hits]
+        if w:
+            want = int(str(w[0] if isinstance(w, list) else w).split("=")[1])
+            assert all(h["meta"]["camera"] == want for h in body["results"]) and body["results"]
+    client = TestClient(create_app(searcher))
+    for bad, says in (({"where": "nosuchcolumn=1"}, "no column"), ({"where": "camera=abc"}, "camera"),
+                      ({"where": 5}, "where"), ({"where": "((("}, "where"), ({"after": [1]}, "after"),
+                      ({"after": "not a time"}, "time")):
+        r = client.post("/api/search", json={"query": "a man", "k": 3, **bad})
+        assert r.status_code == 422 and says in r.json()["error"], (bad, r.text)

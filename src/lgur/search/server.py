@@ -1,9 +1,10 @@
 """`lgur serve`: a small web page and a JSON API over one Searcher (model loaded once at startup).
 
     GET  /                 the search page (static/index.html: text box, k selector, grid of hits)
-    POST /api/search       {"query": str (1..max_query_chars), "k": int (1..max_k), "per_track": bool (optional,
-                           video indexes: one hit per track)} -> {"query", "k", "results":
-                           [{"rank", "score", "id", "path", "url"}], "ms"}
+    POST /api/search       {"query": str (1..max_query_chars), "k": int (1..max_k), optional "where": "camera=3" or
+                           a list of clauses, "after"/"before": Unix seconds or ISO 8601, "per_track": bool
+                           (video indexes: one hit per track)} -> {"query", "k", "results": [{"rank", "score",
+                           "id", "path", "url", "meta", ...}], "ms"}
     POST /api/explain      {"query": str, "k": int (the same bounds as /api/search), "ids": [int] (optional, at
                            most max_k index rows; default: the query's top k)} -> lgur.search.explain's
                            QueryExplanation as JSON (words coloured by part, per hit its parts ranked by their
@@ -44,6 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lgur.search.filters import filter_from_request
+from lgur.search.index import SearchError
 from lgur.search.paths import OutsideGallery, open_gallery_file
 from lgur.search.searcher import QueryResult, Searcher
 
@@ -158,6 +161,11 @@ def query_model(max_query_chars: int, max_k: int) -> type[BaseModel]:
         query: str = Field(min_length=1, max_length=max_query_chars)
         k: int = Field(default=10, ge=1, le=max_k)
         per_track: bool = False  # video indexes: one hit per track
+        # metadata filter (lgur.search.filters.filter_from_request checks them further): clauses such as
+        # "camera=3", and a time range (Unix seconds or ISO 8601)
+        where: str | list[str] | None = None
+        after: str | int | float | None = None
+        before: str | int | float | None = None
 
         @field_validator("query")
         @classmethod
@@ -344,11 +352,28 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
                 "max_body_bytes": max_body_bytes, "batch_max": batch_max,
                 "batch_recent_mean": batcher.recent_mean if batcher is not None else None}
 
+    def has_filter(req: BaseModel) -> bool:
+        return any(v is not None for v in (req.where, req.after, req.before))
+
+    def request_filter(req: BaseModel) -> dict:
+        """The search options of a request: {} or {"where": Filter}, checked against the index's columns
+        (the selected rows are cached by the searcher, so the search itself reuses them)."""
+        try:
+            flt = filter_from_request(req.model_dump())
+            if not flt:
+                return {}
+            searcher.select(flt)
+        except SearchError as e:
+            raise RequestError(422, str(e)) from None
+        return {"where": flt}
+
     @app.post("/api/search")
     async def search(request: Request) -> dict:
         req = await read_body(request, SearchRequest)
+        options = await run_in_threadpool(request_filter, req) if has_filter(req) else {}
         t = time.perf_counter()
-        options = {"per_track": True} if req.per_track else {}
+        if req.per_track:
+            options["per_track"] = True
         if batcher is not None:
             result = await batcher.search(req.query, req.k, **options)
         else:
@@ -372,8 +397,9 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
     async def explain(request: Request) -> dict:
         req = await read_body(request, ExplainRequest)
         t = time.perf_counter()
-        if req.ids is None:
-            [result] = await run_in_threadpool(searcher.search, [req.query], req.k)
+        if req.ids is None:  # the hits /api/search would give (same filter)
+            options = await run_in_threadpool(request_filter, req) if has_filter(req) else {}
+            [result] = await run_in_threadpool(searcher.search, [req.query], req.k, **options)
             ids = [h.id for h in result.hits]
         else:
             bad = [i for i in req.ids if not 0 <= i < len(searcher)]
