@@ -540,6 +540,21 @@ def test_filters_search_only_matching_rows(tmp_path, tiny_checkpoint, synth_root
                           (["--where", "camera"], "expected COLUMN=VALUE")]:
         code, _, err = run_cli(capsys, "search", "--index", out, query, *args)
         assert code == 2 and message in err, (args, err)
+    # the JSON API: the same fields, the same rows; bad filters are a 422 with the message
+    from fastapi.testclient import TestClient
+
+    from lgur.search.server import create_app
+
+    client = TestClient(create_app(searcher))
+    r = client.post("/api/search", json={"query": query, "k": 5, "where": ["camera=1,2", "video=v0.mp4"]})
+    assert r.status_code == 200 and [h["id"] for h in r.json()["results"]] == brute(cases[1][3])
+    assert r.json()["results"][0]["meta"]["video"] == "v0.mp4"
+    r = client.post("/api/search", json={"query": query, "k": 5, "after": "2026-11-28T14:30:00", "before": base + 3600})
+    assert [h["id"] for h in r.json()["results"]] == brute(cases[2][3])
+    for body, message in [({"where": "floor=1"}, "no column 'floor'"), ({"where": {"camera": 3}}, "where"),
+                          ({"after": "noon"}, "not a time")]:
+        r = client.post("/api/search", json={"query": query, **body})
+        assert r.status_code == 422 and message in r.json()["error"], (body, r.json())
     assert filter_from_request({"where": ["camera=3"], "after": 5}) == Filter.parse(["camera=3"], 5)
     for body in ({"where": {"camera": 3}}, {"after": [1]}, {"where": ["a=1"] * 17}, {"before": True}):
         with pytest.raises(SearchError):
