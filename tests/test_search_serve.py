@@ -605,6 +605,7 @@ def test_video_hits_in_the_api_and_frames_by_id_only(video_searcher):
         cols["frame_image"] = saved
 
 
+@pytest.mark.slow  # Chromium
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                     reason="headless Chromium not installed (Debian: apt-get install chromium chromium-driver; "
                            "tools/ensure_chromium.sh does it)")

@@ -119,6 +119,7 @@ def test_sampling_times_and_frame_folders(walkers_video, tmp_path):
 DETECTOR_RECALL = {"ssd-mobilenet": 0.25, "hog": 0.15}
 
 
+@pytest.mark.slow  # 15-45 s per detector on 2 cores
 @pytest.mark.parametrize("name", ["ssd-mobilenet", "hog"])
 def test_detector_recall_on_rendered_walkers(walkers_video, name):
     if name == "ssd-mobilenet" and ssd_model_files() is None:
