@@ -1,6 +1,6 @@
 """`lgur index --video`: sampling, detectors (recall on a rendered video with known boxes), the ONNX
 detector's layouts, the IoU tracker, the ingest pipeline (crops, times, boxes, tracks, incremental
-re-runs), per-track search, sheets, and a description of one walker finding that walker's track."""
+re-runs), per-track search and sheets."""
 from __future__ import annotations
 
 import json
@@ -340,35 +340,3 @@ def test_search_per_track_sheets_and_frame_containment(video_index, tmp_path):
     for bad in ("../../../../etc/passwd", "/etc/passwd", "crops/../../x.jpg", "frames/../../walk.lgidx/manifest.json"):
         s.index.files.columns["frame_image"] = column_array([bad] * len(s), "str")
         assert s.frame_file(0) is None, bad
-
-
-@pytest.mark.slow
-def test_description_of_a_walker_finds_their_track(tmp_path, walkers_video):
-    """A model trained briefly on a synthetic dataset whose identities include the four walkers: each
-    walker's caption ranks a track of that walker first among the tracks of the video."""
-    from lgur.config import load_config
-    from lgur.data.synth import describe, generate
-    from lgur.engine.trainer import train
-    from lgur.search.searcher import Searcher
-
-    path, truth, ids = walkers_video
-    root = tmp_path / "synth"
-    generate(root, num_ids=60, seed=WALKERS_SEED, images_per_id=4, workers=2, progress=False)
-    cfg = load_config("lgur_tiny", [
-        "model.text_backbone=minilm", "optim.batch_size=32", "optim.epochs=6", "optim.milestones=[100]",
-        "optim.lr=2e-3", "optim.lr_backbone=2e-3", "optim.lr_heads=2e-3", "data.cache_images=true",
-        "eval.select_on=test", "eval.every=6", "train.log_every=1000"])
-    cfg.data.root, cfg.output_dir = str(root), str(tmp_path / "runs")
-    results = train(cfg)
-    ckpt = Path(results["checkpoint"])
-    out = tmp_path / "walk.lgidx"
-    index_video(ckpt, path, out, _settings(), num_workers=0, progress=False, detector=TruthDetector(truth, 2.0))
-    s = Searcher(out, device="cpu")
-    rng = np.random.default_rng(0)
-    firsts = []
-    for k, a in enumerate(ids):
-        [res] = s.search(describe(a, rng), k=3, per_track=True)
-        h = res.hits[0]
-        firsts.append(truth_walker(truth, h.video["frame"], h.video["box"]) == k)
-    print("walker found first:", firsts)
-    assert sum(firsts) >= 3, firsts
