@@ -50,6 +50,7 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
     assert html.count("<img") >= 3 * 3  # three queries, each with its top hits (30 ids -> 3 test ids)
     assert (out / "results.png").stat().st_size > 1000
     assert (out / "gallery.lgidx").is_dir()
+    assert Image.open(out / "explain.png").width >= 640  # the first query's top 3 explained
 
 
 def test_demo_recipe_is_the_fast_one():

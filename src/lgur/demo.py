@@ -152,6 +152,10 @@ def run_demo(args: argparse.Namespace) -> int:
     html = write_html(found, out / "results.html", title="lgur demo: text -> person search")
     png = write_png(found, out / "results.png")
     print(f"\nresults sheet: {html}\n               {png}  (green = the described person)")
+    from lgur.search.explain import write_result_explanation
+
+    print(f"why the first query's top 3 matched (parts, words, maps): "
+          f"{write_result_explanation(searcher, found[0], out / 'explain.png')}")
     summary = {"chance": chance, "before": before, "after": after, "r1_over_chance": gain,
                "real": {"after": real[0], "chance": real[1]} if real is not None else None,
                "run_dir": results["run_dir"], "checkpoint": str(checkpoint), "index": str(index_path),

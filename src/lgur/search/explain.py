@@ -188,6 +188,22 @@ def _model_turn(searcher):
     return stack
 
 
+def write_result_explanation(searcher, result, out, k: int = 3) -> "Path":
+    """One PNG explaining a QueryResult's top `k` hits (what `lgur demo` writes as demo_out/explain.png)."""
+    from dataclasses import replace
+
+    top = replace(result, hits=result.hits[:k])
+    ex = explain_result(searcher, top)
+    crops = []
+    for h in top.hits:
+        try:
+            crops.append(load_rgb(h.file))
+        except DECODE_ERRORS:
+            crops.append(Image.new("RGB", (64, 128), (200, 200, 200)))
+    labels = [f"#{h.rank}" + {True: " (correct)", False: " (wrong)", None: ""}[h.correct] for h in top.hits]
+    return write_explanation_png(ex, crops, out, labels=labels)
+
+
 def overlay(image: Image.Image, grid_map: np.ndarray, color: str | None = None, alpha: float = 0.55) -> Image.Image:
     """The crop with `grid_map` (h, w) drawn over it at the crop's own size: bilinear upsampling, scaled to its
     maximum; a heat colour map, or shades of `color` (hex) when given."""
@@ -264,16 +280,18 @@ def explanation_image(ex: QueryExplanation, crops: Sequence[Image.Image], height
     col_w = [max(sum(p.width for _, p in panels) + gap * (len(panels) - 1), 200) for panels in cols]
     width = max(pad * 2 + sum(col_w) + 3 * pad * max(len(cols) - 1, 0), 640)
     text_lines = 4
-    sheet = Image.new("RGB", (width, pad * 3 + 2 * line + height + (text_lines + 1) * line), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    placed, x, y = [], pad, pad  # the query, word by word in its part's colour, wrapped
+    for w, k in zip(ex.words, ex.word_part):
+        if x > pad and x + measure.textlength(w, font=font) > width - pad:
+            x, y = pad, y + line + 2
+        placed.append((x, y, w, part_color(k) if k is not None else "black"))
+        x += measure.textlength(w + " ", font=font)
+    y0 = y + line + pad
+    sheet = Image.new("RGB", (width, y0 + pad + line + height + (text_lines + 1) * line), "white")
     draw = ImageDraw.Draw(sheet)
-    x = pad
-    for w, k in zip(ex.words, ex.word_part):  # the query, word by word in its part's colour
-        fill = part_color(k) if k is not None else "black"
-        if x + draw.textlength(w, font=font) > width - pad:
-            break
-        draw.text((x, pad), w, fill=fill, font=font)
-        x += draw.textlength(w + " ", font=font)
-    y0 = pad * 2 + line
+    for x, y, w, fill in placed:
+        draw.text((x, y), w, fill=fill, font=font)
     x = pad
     for j, (panels, hit, cw) in enumerate(zip(cols, ex.hits, col_w)):
         if borders is not None and borders[j] is not None:
