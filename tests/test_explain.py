@@ -237,3 +237,48 @@ def test_edited_maps_are_refused(tiny_searcher, tmp_path):
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(SearchError, match="explain_maps"):
         GalleryIndex.load(out)
+
+
+def test_sheets_and_explanations_never_read_outside_the_gallery(tmp_path, synth_root):
+    """A gallery file swapped for a symlink to a picture outside the gallery after indexing: the results
+    sheet and the explanation draw a placeholder, never the outside picture."""
+    import shutil
+
+    from PIL import Image
+
+    from lgur.checkpoint import save_model
+    from lgur.search.explain import explain_hits, write_result_explanation
+    from lgur.search.index import build_index
+    from lgur.search.searcher import Searcher
+    from lgur.search.sheet import thumbnail, write_html
+
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for f in sorted((synth_root / "imgs").rglob("*.jpg"))[:3]:
+        shutil.copy(f, gallery / f.name)
+    cfg = load_config("lgur_tiny")
+    torch.manual_seed(0)
+    save_model(build_model(cfg, 0, pretrained=False), cfg, tmp_path / "m.safetensors", 0)
+    build_index(tmp_path / "m.safetensors", gallery, tmp_path / "g.lgidx", num_workers=0, progress=False,
+                explain_maps=False)
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (64, 128), (255, 0, 255)).save(secret)  # pure magenta: easy to spot if it leaks
+    victim = sorted(gallery.iterdir())[0]
+    victim.unlink()
+    victim.symlink_to(secret)
+    searcher = Searcher(tmp_path / "g.lgidx")
+    [result] = searcher.search("a man", k=3)
+    [hit] = [h for h in result.hits if h.file.name == victim.name]
+
+    def magenta(im):
+        px = im.convert("RGB").getpixel((im.width // 2, im.height // 2))
+        return px[0] > 200 and px[1] < 60 and px[2] > 200
+
+    assert not magenta(thumbnail(hit))
+    html = write_html([result], tmp_path / "out.html").read_text()
+    assert html.count("<img") == 3
+    explain_hits(searcher, result.query, [hit.id])  # no stored maps: its crop is read for the forward
+    png = write_result_explanation(searcher, result, tmp_path / "ex.png", k=3)
+    assert Image.open(png).size[0] > 0
+    with pytest.raises(Exception, match="outside the gallery"):
+        hit.image()

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lgur.data.images import DECODE_ERRORS, load_rgb
+from lgur.data.images import DECODE_ERRORS
 from lgur.models.explain import image_evidence, limitations, part_contributions, text_evidence, unpack_maps
+from lgur.search.paths import OutsideGallery, load_gallery_image
 
 # one colour per prototype part (tab10's first colours), used by the sheets and the web page alike
 PART_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -96,9 +97,10 @@ def _image_batch(searcher, ids: Sequence[int], load=None) -> tuple[torch.Tensor,
     tensors, ok = [], []
     for i in ids:
         try:
-            im = load(i) if load is not None else load_rgb(searcher.index.file(i))
+            im = (load(i) if load is not None
+                  else load_gallery_image(searcher.index.images_root, searcher.index.files.path(i)))
             ok.append(True)
-        except (*DECODE_ERRORS, OSError, ValueError):
+        except (*DECODE_ERRORS, OSError, ValueError, OutsideGallery):
             im = Image.new("RGB", tuple(cfg.data.image_size[::-1]), (128, 128, 128))
             ok.append(False)
         tensors.append(transform(im))
@@ -197,8 +199,8 @@ def write_result_explanation(searcher, result, out, k: int = 3) -> "Path":
     crops = []
     for h in top.hits:
         try:
-            crops.append(load_rgb(h.file))
-        except DECODE_ERRORS:
+            crops.append(h.image())
+        except (*DECODE_ERRORS, OutsideGallery):
             crops.append(Image.new("RGB", (64, 128), (200, 200, 200)))
     labels = [f"#{h.rank}" + {True: " (correct)", False: " (wrong)", None: ""}[h.correct] for h in top.hits]
     return write_explanation_png(ex, crops, out, labels=labels)

@@ -108,6 +108,16 @@ def open_gallery_file(root: Path, rel: str, follow_symlinks: bool = False) -> tu
     return fd, st
 
 
+def load_gallery_image(root: Path, rel: str, follow_symlinks: bool = False):
+    """Decode gallery image `rel` as RGB, read through open_gallery_file (never outside `root`). Raises
+    OutsideGallery, OSError or a PIL decode error (lgur.data.images.DECODE_ERRORS)."""
+    from PIL import Image
+
+    fd, _ = open_gallery_file(root, rel, follow_symlinks)
+    with os.fdopen(fd, "rb") as f, Image.open(f) as im:
+        return im.convert("RGB")
+
+
 def split_gallery(paths: list[Path], root: Path, follow_symlinks: bool = False) -> tuple[list[Path], list[dict]]:
     """Listed gallery files -> (those to index, skipped [{"path", "reason"}]) for the resolved `root`.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Collection, Sequence
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 
 from lgur.runtime import resolve_device
 from lgur.search.index import BASE_COLUMNS, GalleryIndex, SearchError
+from lgur.search.paths import load_gallery_image
 from lgur.search.topk import torch_threads
 
 SEARCH_MODES = ("auto", "exact", "ann")
@@ -37,6 +38,12 @@ class Hit:
     correct: bool | None = None  # None: ground truth unknown
     meta: dict = field(default_factory=dict)  # the row's metadata columns (camera, time, video, ...), if any
     frame_file: Path | None = None  # video crops: the (downscaled) frame the crop was cut from
+
+    def image(self):
+        """The crop as an RGB PIL image, opened inside the gallery (lgur.search.paths): a file swapped for a
+        symlink leading outside since indexing raises OutsideGallery instead of being read."""
+        root = self.file.parents[len(PurePosixPath(self.path).parts) - 1]  # file = images root / path
+        return load_gallery_image(root, self.path)
 
     @property
     def video(self) -> dict | None:

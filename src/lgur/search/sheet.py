@@ -21,6 +21,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from lgur.data.images import DECODE_ERRORS, load_rgb
+from lgur.search.paths import OutsideGallery
 from lgur.search.searcher import Hit, QueryResult, fmt_time
 
 THUMB_H, THUMB_W = 160, 80  # person crops are ~2:1
@@ -33,8 +34,8 @@ BOX_COLOR = (255, 40, 40)
 def thumbnail(hit: Hit) -> Image.Image:
     """The hit's image fitted into THUMB_W x THUMB_H (a labelled grey box if it cannot be read)."""
     try:
-        im = load_rgb(hit.file)
-    except DECODE_ERRORS:
+        im = hit.image()  # read inside the gallery only
+    except (*DECODE_ERRORS, OutsideGallery):
         im = Image.new("RGB", (THUMB_W, THUMB_H), (200, 200, 200))
         ImageDraw.Draw(im).text((8, THUMB_H // 2), "missing", fill=(90, 90, 90))
         return im
@@ -168,8 +169,8 @@ def write_png(results: Sequence[QueryResult], out: str | Path, max_chars: int = 
 
 def _crop(hit: Hit) -> Image.Image:
     try:
-        return load_rgb(hit.file)
-    except DECODE_ERRORS:
+        return hit.image()
+    except (*DECODE_ERRORS, OutsideGallery):
         im = Image.new("RGB", (THUMB_W, THUMB_H), (200, 200, 200))
         ImageDraw.Draw(im).text((8, THUMB_H // 2), "missing", fill=(90, 90, 90))
         return im
