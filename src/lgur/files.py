@@ -97,16 +97,22 @@ def _refusal(path: Path, kind: str, what: str, expected: str) -> str:
     return f"{path}: not {expected} (unrecognised bytes, or a truncated file); {what} must be {expected}"
 
 
-def read_safetensors_metadata(path: str | Path, what: str = "a model file",
-                              error: type[LgurError] = WeightsError) -> dict[str, str]:
-    """The metadata header of a safetensors file (no tensor is read)."""
-    from safetensors import safe_open
-
+def _safetensors_path(path: str | Path, what: str, error: type[LgurError]) -> Path:
+    """`path` if it is a readable safetensors file (judged by its bytes), else a readable `error`."""
     path = Path(path).expanduser()
     _check_file(path, what, error)
     kind = sniff(path)
     if kind != SAFETENSORS:
         raise error(_refusal(path, kind, what, "a safetensors file"))
+    return path
+
+
+def read_safetensors_metadata(path: str | Path, what: str = "a model file",
+                              error: type[LgurError] = WeightsError) -> dict[str, str]:
+    """The metadata header of a safetensors file (no tensor is read)."""
+    from safetensors import safe_open
+
+    path = _safetensors_path(path, what, error)
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -119,11 +125,7 @@ def read_safetensors(path: str | Path, what: str = "a model file", error: type[L
     """(tensors on the CPU, metadata) of a safetensors file."""
     from safetensors import safe_open
 
-    path = Path(path).expanduser()
-    _check_file(path, what, error)
-    kind = sniff(path)
-    if kind != SAFETENSORS:
-        raise error(_refusal(path, kind, what, "a safetensors file"))
+    path = _safetensors_path(path, what, error)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
