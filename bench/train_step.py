@@ -16,7 +16,7 @@ what each change gains:
     + fused Adam      one fused update kernel (lgur's default)
     + bf16 autocast   train.amp=bf16 (on CPU `auto` leaves it off: see the printed ratio)
 
-The official code's own step was measured on the same kind of machine (2 cores, lgur-reference §9):
+The official code's own step was measured on the same kind of machine (2 cores, docs/reference.md §9):
 4.18 s at batch 8 = 1.9 pairs/s; the last column compares with it (CPU only).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from lgur.engine.precision import autocast
 from lgur.losses import build_criterion
 from lgur.models import build_model
 
-OFFICIAL_CPU_PAIRS_S = 1.9  # lgur-reference §9: 4.18 s per step, batch 8, 100-token captions, 2 threads
+OFFICIAL_CPU_PAIRS_S = 1.9  # docs/reference.md §9: 4.18 s per step, batch 8, 100-token captions, 2 threads
 NUM_IDS = 11000             # CUHK-PEDES training ids after the official skip list
 
 

@@ -40,7 +40,7 @@ def test_deit_small_builds_and_uses_only_11_blocks():
     assert len(vit.blocks) == DEIT_USED == 11
     assert isinstance(vit.norm, torch.nn.Identity) and isinstance(vit.head, torch.nn.Identity)
     assert isinstance(bb.proj, torch.nn.Identity)
-    assert sum(p.numel() for p in bb.parameters()) == 19_888_896  # lgur-reference.md §9
+    assert sum(p.numel() for p in bb.parameters()) == 19_888_896  # docs/reference.md §9
     assert vit.pos_embed.shape == (1, 193, 384)
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in vit.blocks]
     assert rates == pytest.approx(torch.linspace(0, 0.1, 12)[:11].tolist(), abs=1e-7)

@@ -1,5 +1,5 @@
 """`lgur info`: parameter counts of the paper configuration against the official model's
-(lgur-reference.md §7 and §9), and the CLI output formats."""
+(docs/reference.md §7 and §9), and the CLI output formats."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from lgur.cli import main
 from lgur.config import load_config
 from lgur.models.info import count_config
 
-# measured on the official code (lgur-reference.md §9), per module
+# measured on the official code (docs/reference.md §9), per module
 OFFICIAL = {"image_backbone": 19_888_896, "bilstm": 3_538_944, "R": 1_182_720, "Pdec": 10_229_248,
             "projections": 1_179_648, "dictionary": 153_600, "prototypes": 2_304, "gate": 385}
 BERT_WITH_POOLER, POOLER = 109_482_240, 768 * 768 + 768

@@ -1,7 +1,7 @@
 """Annotation readers for CUHK-PEDES, ICFG-PEDES and RSTPReid into one `Record` type.
 
 Every public copy of these datasets is a JSON list of per-image records next to an `imgs/` folder
-(field.md §2.5, lgur-reference.md §4):
+(docs/reference.md §4):
 
     layout      annotation file                          image field   split
     cuhk-pedes  reid_raw.json                            file_path     `split` field (train/val/test)

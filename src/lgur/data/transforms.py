@@ -1,4 +1,4 @@
-"""Image transforms of the official recipe (lgur-reference.md §2.2), on PIL images or on the device.
+"""Image transforms of the official recipe (docs/reference.md §2.2), on PIL images or on the device.
 
     train: Resize(H, W) bicubic -> Pad(pad) -> RandomCrop(H, W) -> RandomHorizontalFlip -> ToTensor -> Normalize
     test:  Resize(H, W) bicubic -> ToTensor -> Normalize

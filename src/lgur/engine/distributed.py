@@ -86,7 +86,7 @@ def gather_labels(labels: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def teardown(env: DistEnv) -> None:
-    """Leave the process group without the gloo teardown races (environment-details §7): the caller
+    """Leave the process group without the gloo teardown races (docs/reference.md §10.1): the caller
     has dropped its model/optimizer/loader references; collect them, then barrier and destroy."""
     gc.collect()
     if env.distributed and dist.is_initialized():

@@ -1,4 +1,4 @@
-"""Retrieval evaluation of a model on one split (lgur-reference §3): encode, then lgur.eval metrics.
+"""Retrieval evaluation of a model on one split (docs/reference.md §3): encode, then lgur.eval metrics.
 
 Queries are all captions of the split, the gallery all its images (the official protocol). Directions:
     t2i     text -> image, every gallery image counts (the paper's numbers)

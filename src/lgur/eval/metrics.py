@@ -23,7 +23,7 @@ Metrics, for a query with n relevant items at sorted 0-based ranks r_0 < ... < r
     R@k                   1 if r_0 < k (mean over queries = CMC[k-1])
     mAP                   (1/n) sum_i (i+1)/(r_i+1)                 precision at each hit (IRRA, RDE)
     mINP                  n / (r_{n-1}+1)                           IRRA's inverse negative penalty
-    mAP_lgur_trapezoid    (1/n) sum_i 1/2 [ i/r_i + (i+1)/(r_i+1) ]   LGUR's coded AP (lgur-reference
+    mAP_lgur_trapezoid    (1/n) sum_i 1/2 [ i/r_i + (i+1)/(r_i+1) ]   LGUR's coded AP (docs/reference.md
                           §3, §9.2): i is the 0-based hit index, and the "old precision" i/r_i is 1
                           when r_i = 0.
 All values are fractions in [0, 1]. Queries without any relevant gallery item are left out of every
@@ -255,7 +255,7 @@ def text_image_metrics(text_feats: torch.Tensor, image_feats: torch.Tensor, text
                        image_ids: torch.Tensor, directions: Sequence[str] = ("t2i",),
                        caption_image_index: torch.Tensor | None = None, ks: Sequence[int] = (1, 5, 10),
                        chunk_size: int = 1024, progress: bool = False) -> dict[str, dict[str, float]]:
-    """{direction: metrics} for the protocols of lgur-reference §3 and the i2t direction.
+    """{direction: metrics} for the protocols of docs/reference.md §3 and the i2t direction.
 
     t2i: captions query all images. t2i_wm: same, without each caption's own image
     (`caption_image_index[q]`), dropping captions whose id has no other image. i2t: images query
