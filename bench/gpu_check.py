@@ -516,15 +516,13 @@ def section_index(ctx: Context) -> None:
 
 def section_data(ctx: Context) -> None:
     """data.cache_images: decoded once into a uint8 cache, batches gathered into pinned memory, copied
-    asynchronously and augmented on the device; the loader as the engine builds it (SeededPairs +
-    EpochSampler). Figures: the loader alone (pairs/s) and, feeding the paper model's step, the time
+    asynchronously and augmented on the device; the loader as the engine gets it from build_loaders
+    (SeededPairs + EpochSampler). Figures: the loader alone (pairs/s) and, feeding the paper model's step, the time
     per step the host spends waiting for the next batch."""
     import torch
 
     from lgur.data.annotations import load_annotations
     from lgur.data.datasets import build_loaders
-    from lgur.engine.distributed import DistEnv
-    from lgur.engine.trainer import resumable_train_loader
 
     root = _synth_data(ctx)
     batch = 8 if ctx.dry else 64
@@ -535,7 +533,6 @@ def section_data(ctx: Context) -> None:
     loaders = build_loaders(cfg, ann, core.tokenizer, core.image_mean, core.image_std, progress=False)
     ctx.record("image cache build (decode + resize)", round(time.perf_counter() - t, 1),
                unit=f"s for {len(loaders.cache.images)} images")
-    resumable_train_loader(loaders, DistEnv(0, 1, 0, ctx.device), cfg.seed)
     dev = ctx.device
 
     def batches():

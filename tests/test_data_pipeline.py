@@ -221,7 +221,7 @@ def test_build_loaders(synth, tokenizer):
     cfg = load_config("lgur_tiny", ["data.num_workers=0", "optim.batch_size=6"])
     ann = load_annotations(synth)
     loaders = build_loaders(cfg, ann, tokenizer, MEAN, STD, progress=False)
-    assert loaders.val is not None and loaders.augment is None and loaders.sampler is None
+    assert loaders.val is not None and loaders.augment is None and loaders.sampler.num_replicas == 1
     assert len(loaders.train) == 32 // 6  # 16 train images x 2 captions, drop_last
     b = next(iter(loaders.train))
     assert set(b) == {"images", "input_ids", "attention_mask", "lengths", "labels", "indices"}

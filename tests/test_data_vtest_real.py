@@ -56,7 +56,8 @@ def test_real_set_evaluates_with_chance_levels(seed):
     from lgur.config import load_config
     from lgur.data.annotations import load_annotations
     from lgur.demo import chance_metrics
-    from lgur.engine.evaluation import build_eval_split, evaluate
+    from lgur.data.datasets import build_eval_split
+    from lgur.engine.evaluation import evaluate
     from lgur.models import build_model
 
     cfg = load_config("lgur_tiny")
@@ -64,7 +65,8 @@ def test_real_set_evaluates_with_chance_levels(seed):
     model = build_model(cfg, 0, pretrained=False).eval()
     ann = load_annotations(REAL, max_bad_fraction=None)
     ann.raise_if_unusable(0.0, splits=("test",))
-    split = build_eval_split("real", ann.test, model, cfg, 16)
+    split = build_eval_split("real", ann.test, model.tokenizer, cfg, model.image_mean, model.image_std, batch_size=16,
+                             num_workers=0)
     m = evaluate(model, split, torch.device("cpu"), None, lambda x, train: x, ("t2i",), progress=False)["t2i"]
     assert len(split.caption_pids) == 30 and len(split.image_pids) == 15
     assert 0 < m["R@5"] <= 1 and m["R@1"] <= m["R@5"] <= m["R@10"]

@@ -50,14 +50,16 @@ def real_set_metrics(checkpoint: Path, root: Path = REAL_SET) -> tuple[dict, dic
     """t2i metrics of a trained model on a real test set (CUHK-PEDES layout, test split), and chance."""
     from lgur.checkpoint import load_model
     from lgur.data.annotations import load_annotations
-    from lgur.engine.evaluation import build_eval_split, evaluate
+    from lgur.data.datasets import build_eval_split
+    from lgur.engine.evaluation import evaluate
 
     if not (root / "reid_raw.json").is_file():
         return None
     ann = load_annotations(root, max_bad_fraction=None)  # a test-only set
     ann.raise_if_unusable(0.0, splits=("test",))
     model, cfg, _ = load_model(checkpoint)
-    split = build_eval_split("real", ann.test, model, cfg, cfg.eval.batch_size)
+    split = build_eval_split("real", ann.test, model.tokenizer, cfg, model.image_mean, model.image_std,
+                             batch_size=cfg.eval.batch_size, num_workers=0)
     metrics = evaluate(model, split, next(model.parameters()).device, None, lambda x, train: x, ("t2i",),
                        progress=False)["t2i"]
     chance = chance_metrics([r.person_id for r in ann.test for _ in r.captions], [r.person_id for r in ann.test])
@@ -67,14 +69,17 @@ def real_set_metrics(checkpoint: Path, root: Path = REAL_SET) -> tuple[dict, dic
 def untrained_metrics(cfg, ann) -> dict[str, float]:
     """Test metrics of the model exactly as training starts it (same seed, same pretrained backbones)."""
     from lgur.engine.distributed import resolve_device
-    from lgur.engine.evaluation import build_eval_split, evaluate
+    from lgur.data.datasets import build_eval_split
+    from lgur.engine.evaluation import evaluate
     from lgur.engine.state import seed_everything
     from lgur.models import build_model
 
     seed_everything(cfg.seed)
     model = build_model(cfg, ann.num_train_ids, pretrained=True)
     device = resolve_device(cfg.device)
-    split = build_eval_split("test", ann.test, model.to(device), cfg, cfg.eval.batch_size)
+    model.to(device)
+    split = build_eval_split("test", ann.test, model.tokenizer, cfg, model.image_mean, model.image_std,
+                             batch_size=cfg.eval.batch_size, num_workers=0)
     return evaluate(model, split, device, None, lambda x, train: x, ("t2i",), progress=False)["t2i"]
 
 
@@ -84,11 +89,10 @@ def _step(n: int, text: str) -> float:
 
 
 def _table(rows: dict[str, dict[str, float]]) -> str:
-    cols = ["R@1", "R@5", "R@10", "mAP", "mINP"]
-    lines = [f"{'':<22}" + "".join(f"{c:>9}" for c in cols)]
-    for name, m in rows.items():
-        lines.append(f"{name:<22}" + "".join(f"{100 * m[c]:>8.2f}%" if c in m else f"{'-':>9}" for c in cols))
-    return "\n".join(lines)
+    """The results table (lgur.eval.table) with the columns a chance level has an expectation for, in percent."""
+    from lgur.eval.table import COLUMNS, format_table
+
+    return format_table(rows, {k: COLUMNS[k] for k in ("R@1", "R@5", "R@10", "mAP", "mINP")})
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ _LAZY = {name: ("datasets", name) for name in ("build_loaders", "build_eval_spli
                                                "TrainPairs", "EvalImages", "EvalCaptions", "ImageFolderSet",
                                                "Collate", "ImageCache")}
 _LAZY |= {name: ("transforms", name) for name in ("DeviceAugment", "build_train_transform", "build_test_transform")}
+_LAZY |= {name: ("sampling", name) for name in ("EpochSampler", "SeededPairs", "resumable_loader")}
 _LAZY["generate_synthetic"] = ("synth", "generate")
 _LAZY["load_tokenizer"] = ("tokenizer", "load_tokenizer")
 

@@ -1,4 +1,5 @@
-"""Torch datasets, the collate function, the decoded-image cache and `build_loaders` for the engine.
+"""Torch datasets, the collate function, the decoded-image cache, the one eval-split builder and
+`build_loaders` (train loader from lgur.data.sampling, val and test splits) for the engine.
 
 Batches are dicts (docs/architecture.md, Data contract):
     TrainPairs    images (B,3,H,W), input_ids (B,L), attention_mask (B,L), lengths (B,), labels (B,), indices (B,)
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lgur.data.annotations import IMAGE_DIR, Annotations, Problem, Record
 from lgur.data.images import DECODE_ERRORS, IMAGE_EXTENSIONS, load_rgb
+from lgur.data.sampling import EpochSampler, resumable_loader
 from lgur.data.transforms import DeviceAugment, build_test_transform, build_train_transform, resize_transform
 from lgur.errors import ConfigError, DataError
 
@@ -374,7 +376,7 @@ class DataLoaders:
     val: EvalSplit | None
     test: EvalSplit
     augment: DeviceAugment | None
-    sampler: torch.utils.data.DistributedSampler | None
+    sampler: EpochSampler
     cache: ImageCache | None
 
     def prepare(self, images: torch.Tensor, train: bool) -> torch.Tensor:
@@ -384,9 +386,8 @@ class DataLoaders:
         return self.augment(images) if train else self.augment.normalize(images)
 
     def set_epoch(self, epoch: int) -> None:
-        """Call at the start of every epoch: reshuffles the distributed sampler and reseeds DeviceAugment."""
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+        """Call at the start of every epoch: reshuffles the sampler and reseeds DeviceAugment."""
+        self.sampler.set_epoch(epoch)
         if self.augment is not None:
             self.augment.set_epoch(epoch)
 
@@ -449,19 +450,23 @@ def _image_collate(cfg, tokenizer, cache: ImageCache | None) -> Collate:
     return Collate(tokenizer.pad_token_id, pin_images=pin)
 
 
-def _loader_options(cfg, cache: ImageCache | None) -> dict:
-    """Worker settings of the image loaders. With the cache an item is a tensor slice: worker processes
-    would only add overhead, so it is loaded in the main process."""
+def _loader_options(cfg, cache: ImageCache | None, num_workers: int | None = None) -> dict:
+    """Worker settings of the image loaders (`num_workers`, default data.num_workers). With the cache an
+    item is a tensor slice: worker processes would only add overhead, so it is loaded in the main process."""
     dc = cfg.data
-    n = 0 if cache is not None else int(dc.num_workers)
+    n = 0 if cache is not None else int(dc.num_workers if num_workers is None else num_workers)
     return dict(num_workers=n, pin_memory=bool(dc.pin_memory) and torch.cuda.is_available(),
                 persistent_workers=bool(dc.persistent_workers) and n > 0)
 
 
 def build_eval_split(name: str, records: list[Record], tokenizer, cfg, mean: Sequence[float], std: Sequence[float],
-                     cache: ImageCache | None = None, batch_size: int | None = None) -> EvalSplit:
+                     cache: ImageCache | None = None, batch_size: int | None = None,
+                     num_workers: int | None = None) -> EvalSplit:
     """Gallery images + query captions of any records (e.g. another dataset's test split for
-    cross-domain evaluation), prepared with the test transform (or from `cache`) and the tokenizer."""
+    cross-domain evaluation), prepared with the test transform (or from `cache`) and the tokenizer.
+    For a trained model pass its own preprocessing: model.tokenizer, model.image_mean, model.image_std
+    (with its checkpoint's cfg for the image size). batch_size: default eval.batch_size; num_workers:
+    image-loading processes, default data.num_workers."""
     dc = cfg.data
     if cache is None:
         images = EvalImages(records, transform=build_test_transform(dc.image_size, mean, std, dc.interpolation),
@@ -474,15 +479,16 @@ def build_eval_split(name: str, records: list[Record], tokenizer, cfg, mean: Seq
     bs = batch_size or cfg.eval.batch_size
     return EvalSplit(name, images, captions,
                      DataLoader(images, batch_size=bs, shuffle=False, collate_fn=_image_collate(cfg, tokenizer, cache),
-                                **_loader_options(cfg, cache)),
+                                **_loader_options(cfg, cache, num_workers)),
                      DataLoader(captions, batch_size=bs, shuffle=False, collate_fn=collate))
 
 
 def build_loaders(cfg, annotations: Annotations, tokenizer, mean: Sequence[float], std: Sequence[float],
                   distributed: bool = False, progress: bool = True) -> DataLoaders:
-    """Train loader (shuffled, drop_last; DistributedSampler when `distributed`, each process getting
-    optim.batch_size / world_size) plus val (where the dataset has one) and test evaluation splits.
-    mean/std are the image backbone's normalisation (model.image_mean / model.image_std)."""
+    """Train loader plus val (where the dataset has one) and test evaluation splits. The train loader is
+    the resumable one of lgur.data.sampling: shuffled per epoch from cfg.seed, drop_last, each of the
+    world_size processes (`distributed`) getting optim.batch_size / world_size, items seeded by
+    (seed, epoch, index). mean/std are the image backbone's normalisation (model.image_mean / image_std)."""
     dc = cfg.data
     world, rank = 1, 0
     if distributed:
@@ -500,14 +506,8 @@ def build_loaders(cfg, annotations: Annotations, tokenizer, mean: Sequence[float
         transform = build_train_transform(dc.image_size, mean, std, dc.pad, dc.flip, dc.interpolation)
         train_set = TrainPairs(annotations.train, tokenizer, dc.max_caption_tokens, transform=transform)
 
-    sampler = None
-    if distributed:
-        sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-        order = dict(sampler=sampler)
-    else:
-        order = dict(shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
-    train = DataLoader(train_set, batch_size=cfg.optim.batch_size // world, drop_last=True,
-                       collate_fn=_image_collate(cfg, tokenizer, cache), **order, **_loader_options(cfg, cache))
+    train, sampler = resumable_loader(train_set, cfg.optim.batch_size // world, world, rank, cfg.seed,
+                                      _image_collate(cfg, tokenizer, cache), **_loader_options(cfg, cache))
     if len(train) == 0:
         raise DataError(f"{len(train_set)} training captions make no full batch of {cfg.optim.batch_size // world}")
     val = build_eval_split("val", annotations.val, tokenizer, cfg, mean, std, cache) if annotations.val else None

@@ -98,8 +98,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from lgur.checkpoint import load_model
     from lgur.data.annotations import load_annotations
     from lgur.runtime import resolve_device
-    from lgur.engine.evaluation import build_eval_split, evaluate, format_table
+    from lgur.data.datasets import build_eval_split
+    from lgur.engine.evaluation import evaluate
     from lgur.engine.precision import resolve_amp
+    from lgur.eval.table import by_direction, format_table
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = resolve_device(args.device)
@@ -108,14 +110,15 @@ def run_eval(args: argparse.Namespace) -> int:
     ann = load_annotations(args.data_root, max_bad_fraction=None)  # eval needs only the evaluated split
     ann.raise_if_unusable(cfg.data.max_bad_fraction, splits=(args.split,))
     records = ann.split(args.split)
-    split = build_eval_split(args.split, records, model, cfg, args.batch_size or cfg.eval.batch_size, args.workers)
+    split = build_eval_split(args.split, records, model.tokenizer, cfg, model.image_mean, model.image_std,
+                             batch_size=args.batch_size or cfg.eval.batch_size, num_workers=args.workers)
     directions = (args.protocol, "i2t") if args.i2t else (args.protocol,)
     dtype = resolve_amp(args.amp, device)
     metrics = evaluate(model, split, device, dtype, lambda x, train: x, directions,
                        cfg.eval.chunk_size)
     print(f"model {ckpt} (fingerprint {meta['fingerprint']}) on {args.data_root} [{ann.layout}], "
           f"{args.split} split: {len(split.captions)} captions x {len(split.images)} images")
-    print(format_table({args.split: metrics}))
+    print(format_table(by_direction({args.split: metrics})))
     data = ann.report(split.problems(ann.annotation_file.name), splits=(args.split,))
     print(f"data: {data['summary']}" + (f"\n{data['text']}" if data["problems"] else ""))
     if args.out:

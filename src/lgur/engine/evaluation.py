@@ -6,7 +6,8 @@ Queries are all captions of the split, the gallery all its images (the official 
             queries whose identity has no other image are dropped), the official second log line
     i2t     image -> text (optional direction)
 Embeddings are computed under no_grad (and autocast where the run uses it), in batches, written into
-one preallocated tensor per side, and stay on the device for the metric computation.
+one preallocated tensor per side, and stay on the device for the metric computation. The split itself
+comes from lgur.data.build_eval_split; the printed table from lgur.eval.table.
 """
 from __future__ import annotations
 
@@ -17,11 +18,9 @@ from tqdm import tqdm
 
 from lgur.engine.precision import autocast
 from lgur.errors import ConfigError
+from lgur.eval.metrics import text_image_metrics
 
 DIRECTIONS = ("t2i", "t2i_wm", "i2t")
-# metric key of lgur.eval -> column title (mAP is the standard one; the official code's is the trapezoid)
-TABLE_COLUMNS = {"R@1": "R@1", "R@5": "R@5", "R@10": "R@10", "mAP": "mAP", "mINP": "mINP",
-                 "mAP_lgur_trapezoid": "mAP (LGUR trapezoid)"}
 
 
 @torch.no_grad()
@@ -50,8 +49,6 @@ def encode_split(model: torch.nn.Module, split, device: torch.device, dtype: tor
 def split_metrics(images: torch.Tensor, texts: torch.Tensor, split, directions: tuple[str, ...] = ("t2i",),
                   chunk_size: int = 1024) -> dict[str, dict[str, float]]:
     """{direction: metrics} for directions among t2i, t2i_wm, i2t, from the embeddings of encode_split."""
-    from lgur.eval.metrics import text_image_metrics
-
     unknown = sorted(set(directions) - set(DIRECTIONS))
     if unknown:
         raise ConfigError(f"unknown evaluation direction(s) {unknown}; known: {', '.join(DIRECTIONS)}")
@@ -70,26 +67,3 @@ def evaluate(model: torch.nn.Module, split, device: torch.device, dtype: torch.d
 def flatten(metrics: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
     """{"t2i": {"R@1": ..}} -> {"<prefix>/t2i/R@1": ..} (CSV columns, TensorBoard tags)."""
     return {f"{prefix}/{d}/{k}": float(v) for d, m in metrics.items() for k, v in m.items()}
-
-
-def format_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
-    """A fixed-width table in percent: one row per (label, direction), the TABLE_COLUMNS columns."""
-    width = [max(len(title), 7) + 2 for title in TABLE_COLUMNS.values()]
-    lines = [f"{'':<16}" + "".join(f"{t:>{w}}" for t, w in zip(TABLE_COLUMNS.values(), width)) + "  queries"]
-    for label, metrics in rows.items():
-        for direction, values in metrics.items():
-            cells = "".join(f"{100 * values[k]:>{w}.2f}" for k, w in zip(TABLE_COLUMNS, width))
-            lines.append(f"{label + ' ' + direction:<16}{cells}  {int(values['num_queries'])}")
-    return "\n".join(lines)
-
-
-def build_eval_split(name: str, records: list, model: torch.nn.Module, cfg, batch_size: int, workers: int = 0):
-    """An EvalSplit of any dataset's records, prepared the way `model` expects (its image size,
-    normalisation and tokenizer), without building a training set; `workers` image-loading processes."""
-    import copy
-
-    from lgur.data.datasets import build_eval_split as build
-
-    cfg = copy.deepcopy(cfg)
-    cfg.data.num_workers = workers
-    return build(name, records, model.tokenizer, cfg, model.image_mean, model.image_std, batch_size=batch_size)

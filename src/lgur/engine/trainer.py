@@ -3,9 +3,10 @@
 The loop itself is `Trainer.train_epoch` (one screen); the rest are helpers around it:
 
     TrainStep    one optimisation step (autocast, optional cross-rank embedding gather, backward, step)
-    EpochSampler the shuffled order of an epoch for this rank, as (epoch, index) keys, startable mid-epoch
-    SeededPairs  seeds the augmentation of every training item from (seed, epoch, index), so the pixels
-                 of an epoch do not depend on loader workers, their persistence, or an interruption
+
+The train loader comes from lgur.data.build_loaders, ready to resume: its sampler gives the epoch's
+shuffled order for this rank and starts mid-epoch, and every item's augmentation is seeded from
+(seed, epoch, index) (lgur.data.sampling).
 
 Model selection: t2i R@1 on `eval.select_on` (val by default; test is the official protocol and the
 only choice for datasets without a val split, e.g. ICFG-PEDES). With val selection the selected
@@ -19,70 +20,32 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from logging.handlers import MemoryHandler
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+import yaml
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from lgur.checkpoint import atomic_write
-from lgur.config import save_config
+from lgur.checkpoint import atomic_write, read_model_file
+from lgur.config import config_from_dict, save_config
+from lgur.data.annotations import load_annotations
+from lgur.data.datasets import build_loaders
 from lgur.engine.distributed import DistEnv, barrier, gather_labels, gather_with_grad, init_distributed, teardown
-from lgur.engine.evaluation import evaluate, flatten, format_table
+from lgur.engine.evaluation import evaluate, flatten
 from lgur.engine.monitor import Monitor, setup_logging
 from lgur.engine.optim import build_optimizer, build_scheduler
 from lgur.engine.precision import autocast, grad_scaler, resolve_amp
 from lgur.engine.state import capture_rng, load_state, restore_rng, save_checkpoint, seed_everything
+from lgur.engine.text_cache import TextHiddenCache
 from lgur.errors import ConfigError
+from lgur.eval.table import by_direction, format_table
+from lgur.losses import build_criterion
+from lgur.models import build_model
 
 log = logging.getLogger("lgur.engine")
 SELECT_METRIC = ("t2i", "R@1")
-
-
-class SeededPairs(Dataset):
-    """Wraps the training dataset: item (epoch, i) is dataset[i] drawn with the CPU generator seeded from
-    (seed, epoch, i), inside fork_rng so the caller's RNG stream is untouched. (Not torch.manual_seed:
-    on a CUDA build it also queues a lazy CUDA seeding with a captured stack trace, ~0.4 ms per item.)"""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, i = key
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(hash((self.seed, epoch, i)) & (2**63 - 1))
-            return self.dataset[i]
-
-
-class EpochSampler(DistributedSampler):
-    """This rank's share of the epoch's shuffled order (seed + epoch), as (epoch, index) keys;
-    `start` skips the samples an interrupted run already trained on."""
-
-    def __init__(self, dataset: Dataset, world: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0
-
-    def __iter__(self):
-        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start:]])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-def resumable_train_loader(loaders, env: DistEnv, seed: int) -> DataLoader:
-    """The data area's train loader rebuilt over SeededPairs + EpochSampler (same batch size, workers,
-    collate); installed into `loaders` so that loaders.set_epoch() drives the new sampler."""
-    old = loaders.train
-    sampler = EpochSampler(loaders.train_set, env.world, env.rank, seed)
-    loaders.train = DataLoader(SeededPairs(loaders.train_set, seed), batch_size=old.batch_size, sampler=sampler,
-                               drop_last=True, collate_fn=old.collate_fn, num_workers=old.num_workers,
-                               pin_memory=old.pin_memory, persistent_workers=old.persistent_workers,
-                               generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
-    loaders.sampler = sampler
-    return loaders.train
 
 
 @dataclass
@@ -280,7 +243,7 @@ class Trainer:
             metrics = self.evaluate(split)
             row.update(flatten(metrics, split.name))
             score = metrics[SELECT_METRIC[0]][SELECT_METRIC[1]]
-            log.info("epoch %d %s:\n%s", epoch + 1, split.name, format_table({split.name: metrics}))
+            log.info("epoch %d %s:\n%s", epoch + 1, split.name, format_table(by_direction({split.name: metrics})))
             if score > self.best["score"]:
                 self.best = {"epoch": epoch + 1, "score": score, "metrics": metrics}
                 log.info("epoch %d: new best %s %s %s = %.2f%%", epoch + 1, split.name, *SELECT_METRIC, 100 * score)
@@ -303,8 +266,6 @@ class Trainer:
         """Best epoch with its selection-split and test metrics -> results.json, table, curves.png."""
         split = self.cfg.eval.select_on
         if split == "val":
-            from safetensors.torch import load_file
-
             self.core.load_state_dict(load_file(str(self.run_dir / "best.safetensors")))
             log.info("evaluating the selected weights (epoch %d) on test", self.best["epoch"])
             test = self.evaluate(self.loaders.test)
@@ -319,7 +280,7 @@ class Trainer:
         rows = {"val": results["val"], "test": test} if split == "val" else {"test": test}
         log.info("best epoch %d of %d, selected on %s by t2i R@1 (%s):\n%s", results["best_epoch"],
                  results["epochs"], split, "the official protocol" if split == "test" else "test never seen",
-                 format_table(rows))
+                 format_table(by_direction(rows)))
         log_data_report(data, "data used by this run")
         self.monitor.plot()
         return results
@@ -360,8 +321,6 @@ def check_selection(cfg, annotations) -> None:
 
 def load_data(cfg):
     """The dataset's annotations, checked (readable, selection split present) before a run folder exists."""
-    from lgur.data.annotations import load_annotations
-
     dc = cfg.data
     if not dc.root:
         raise ConfigError("no dataset: pass --data-root DIR (or data.root=DIR)")
@@ -377,24 +336,17 @@ def load_data(cfg):
 def build_trainer(cfg, env: DistEnv, run_dir: Path | None, ann, resume_state: dict | None = None,
                   resume_weights: Path | None = None) -> Trainer:
     """Model, loaders, loss, optimiser, schedule, AMP, DDP/compile, and the resumed state if any."""
-    from lgur.data.datasets import build_loaders
-    from lgur.losses import build_criterion
-    from lgur.models import build_model
-
     if env.main:
         log.info("data %s (%s): %s; %d train ids", cfg.data.root, ann.layout, ann.counts(), ann.num_train_ids)
     seed_everything(cfg.seed + env.rank)
     core = build_model(cfg, ann.num_train_ids, pretrained=resume_weights is None)
     if resume_weights is not None:
-        from lgur.checkpoint import read_model_file
-
         state = read_model_file(resume_weights)[0]  # verified: a damaged file is refused as corrupt
         with _resume_errors(resume_weights):
             core.load_state_dict(state)
     core.to(env.device)
     loaders = build_loaders(cfg, ann, core.tokenizer, core.image_mean, core.image_std,
                             distributed=env.distributed, progress=env.main)
-    resumable_train_loader(loaders, env, cfg.seed)
     optimizer = build_optimizer(core, cfg.optim)
     dtype = resolve_amp(cfg.train.amp, env.device)
     model = core
@@ -409,8 +361,6 @@ def build_trainer(cfg, env: DistEnv, run_dir: Path | None, ann, resume_state: di
     trainer = Trainer(cfg, env, run_dir, step, build_scheduler(optimizer, cfg.optim), loaders, Monitor(None),
                       ann.num_train_ids, annotations=ann)
     if cfg.train.cache_text:
-        from lgur.engine.text_cache import TextHiddenCache
-
         trainer.text_cache = TextHiddenCache(core.text, loaders.train_set.tokens, env.device, dtype,
                                              cfg.eval.batch_size, progress=env.main)
     if resume_state is not None:
@@ -461,8 +411,6 @@ def _resume(cfg, env: DistEnv, run_dir: Path, ann) -> dict | None:
     changes until the checkpoint has loaded into what cfg builds: a refused resume (corrupt state, an
     override the checkpoint does not fit) leaves config.yaml, train.log and tb/ as they were, so the
     run can still be resumed as it was. The log lines of the build are held in memory until then."""
-    from logging.handlers import MemoryHandler
-
     setup_logging(None)
     held = MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
     root = logging.getLogger()
@@ -509,11 +457,7 @@ def _resume_errors(weights: Path):
 
 def _config_changes(saved: Path, cfg) -> list[str]:
     """'key: old -> new' for every leaf that differs between the saved config.yaml and cfg."""
-    from lgur.config import config_from_dict
-
     try:
-        import yaml
-
         old = config_from_dict(yaml.safe_load(saved.read_text()) or {}).to_dict()
     except Exception:  # noqa: BLE001 - only a log line depends on it
         return ["(the previous config.yaml could not be read)"]

@@ -5,5 +5,6 @@
     metrics["R@1"], metrics["mAP"], metrics["mAP_lgur_trapezoid"]
 """
 from lgur.eval.metrics import RANK_METRICS, retrieval_metrics, similarity_metrics, text_image_metrics
+from lgur.eval.table import format_table
 
-__all__ = ["RANK_METRICS", "retrieval_metrics", "similarity_metrics", "text_image_metrics"]
+__all__ = ["RANK_METRICS", "format_table", "retrieval_metrics", "similarity_metrics", "text_image_metrics"]
