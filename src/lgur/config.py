@@ -177,6 +177,31 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     return Config(cfg)
 
 
+def load_command_config(path: str | Path | None, overrides: Iterable[str], command: str,
+                        sections: tuple[str, ...], keys: tuple[str, ...] = ("device",)) -> Config:
+    """The config of a command that runs a trained model (`lgur index/search/serve/export`): defaults <-
+    recipe <- overrides, like `lgur train`, but the overrides may set only the command's `sections`
+    (e.g. search.*) and top-level `keys` (the runtime: device). The model is used as it was trained: its
+    checkpoint's own config decides model.* and data.* (architecture, image size, normalisation, tokenizer),
+    so an override of those is refused with a readable error, as is any key the command does not read (a
+    silent no-op would look like it worked). A recipe given with --config may hold training keys: only its
+    `sections` and `keys` are read."""
+    allowed = ", ".join([f"{s}.*" for s in sections] + list(keys))
+    for item in overrides:
+        if "=" not in item:
+            continue  # load_config names the malformed override
+        key = item.split("=", 1)[0].strip()
+        top = key.split(".")[0]
+        if top in sections and "." in key or key in keys:
+            continue
+        if top in ("model", "data"):
+            raise ConfigError(f"'{key}' cannot be overridden for `lgur {command}`: the checkpoint's own config "
+                              f"decides the model and its preprocessing (it is used as it was trained); "
+                              f"overrides here may set {allowed}")
+        raise ConfigError(f"'{key}' is not read by `lgur {command}`; overrides here may set {allowed}")
+    return load_config(path, overrides)
+
+
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config from a saved dict (e.g. a checkpoint's), filling keys added since with defaults."""
     cfg = defaults().to_dict()

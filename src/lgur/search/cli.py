@@ -1,8 +1,66 @@
-"""`lgur index`, `lgur search`, `lgur serve`, `lgur export`. Heavy imports happen inside the commands."""
+"""`lgur index`, `lgur search`, `lgur serve`, `lgur export`. Heavy imports happen inside the commands.
+
+Like `lgur train`, each takes `--config NAME|PATH` (a recipe: defaults.yaml when not given) and `key=value`
+overrides, but only of the keys it reads: search.* and device (index --video: also video.*; export:
+export.*). The model itself is always used with the config saved in its checkpoint, so model.* and data.*
+overrides are refused (lgur.config.load_command_config). Explicit flags (--batch-size, --device, ...) win
+over the config. `lgur search` tells overrides from query text by their key: `search.rerank=20` or
+`device=cpu` is an override, any other word is part of a query.
+"""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
+
+CONFIG_HELP = ("recipe file, or a recipe shipped in lgur/configs/ by name; only its search: section and device are "
+               "read (default: defaults.yaml)")
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=\S*$")
+
+
+def _add_config(p: argparse.ArgumentParser, help_text: str = CONFIG_HELP, overrides: bool = True) -> None:
+    p.add_argument("--config", help=help_text)
+    if overrides:
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides of the keys this command reads, e.g. search.rerank=20 device=cpu")
+
+
+def command_config(args: argparse.Namespace, command: str, sections: tuple[str, ...] = ("search",),
+                   keys: tuple[str, ...] = ("device",)):
+    """The resolved config of a search-side command (args.config + args.overrides), checked against the
+    keys it may set."""
+    from lgur.config import load_command_config
+
+    return load_command_config(args.config, args.overrides, command, sections, keys)
+
+
+def split_query_overrides(words: list[str]) -> tuple[list[str], list[str]]:
+    """`lgur search` positionals -> (query texts, overrides). An override is one `key.sub=value` token whose
+    first part is a top-level config key (search, device, model, ...); everything else is query text."""
+    from lgur.config import defaults
+
+    top = set(defaults())
+    overrides = [w for w in words if _OVERRIDE.match(w) and w.split("=", 1)[0].split(".")[0] in top]
+    return [w for w in words if w not in overrides], overrides
+
+
+def apply_faiss_threads(scfg) -> None:
+    """search.faiss_threads as configured. lgur.search.ann applies the default (defaults.yaml) when it first
+    imports faiss; another value is applied here through faiss's own API (0: faiss's own thread count).
+    Nothing is imported when the default stands."""
+    from lgur.config import defaults
+
+    if scfg.faiss_threads == defaults().search.faiss_threads:
+        return
+    try:
+        import faiss
+    except ImportError:
+        return
+    own = faiss.omp_get_max_threads()  # before lgur.search.ann sets the default
+    from lgur.search.ann import faiss_or_none
+
+    faiss_or_none()
+    faiss.omp_set_num_threads(int(scfg.faiss_threads) or own)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -39,12 +97,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "forward; (K+1) x patches x 2 bytes per image); `lgur search --explain` then runs the "
                         "image encoder on the hits instead")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config(p, "recipe file, or a recipe shipped in lgur/configs/ by name; only its search: (and, with "
+                   "--video, video:) section and device are read (default: defaults.yaml)")
     p.set_defaults(func=index_cmd)
 
     s = sub.add_parser("search", help="rank an index's images for free-text descriptions",
                        description="Prints rank, score and path of the top-k images for each query; optionally "
                                    "writes an HTML or PNG results sheet.")
-    s.add_argument("query", nargs="*", help="description(s) of the person")
+    s.add_argument("query", nargs="*", help="description(s) of the person; KEY=VALUE words whose key is a config "
+                                            "key (search.rerank=20, device=cpu) are config overrides")
     s.add_argument("--index", required=True, help="index directory built by `lgur index`")
     s.add_argument("--queries", help="file with one query per line (blank lines ignored)")
     s.add_argument("-k", type=int, default=10, help="results per query (default 10)")
@@ -65,6 +126,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="per hit: the prototype parts ranked by their share of the score, with the query words "
                         "each part attends to; --html/--png sheets then draw each hit's foreground map and its "
                         "strongest part's attention over the crop and colour the query's words by part")
+    _add_config(s, overrides=False)
     s.set_defaults(func=search_cmd)
 
     v = sub.add_parser("serve", help="web page + JSON API for person search over an index",
@@ -85,6 +147,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--follow-symlinks", action="store_true",
                    help="serve gallery symlinks that lead outside the images folder (for an index built with "
                         "`lgur index --follow-symlinks`); default: refused (403)")
+    _add_config(v)
     v.set_defaults(func=serve_cmd)
 
     e = sub.add_parser("export", help="export the image and text encoders (ONNX)",
@@ -94,7 +157,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--format", choices=["onnx"], default="onnx")
     e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--opset", type=int, help="ONNX opset (default: export.opset = 17)")
+    _add_config(e, "recipe file, or a recipe shipped in lgur/configs/ by name; only its export: section is read "
+                   "(default: defaults.yaml)")
     e.set_defaults(func=export_cmd)
 
 
@@ -114,18 +179,19 @@ def index_cmd(args: argparse.Namespace) -> int:
         from lgur.engine.distributed import relaunch, strip_nproc
 
         return relaunch(args.nproc, strip_nproc(sys.argv[1:]))
-    from lgur.config import defaults
     from lgur.search.build import build_index
     from lgur.search.index import PathPattern, read_sidecar
 
-    scfg = defaults().search
+    cfg = command_config(args, "index")
+    scfg = cfg.search
+    apply_faiss_threads(scfg)
     metadata = [PathPattern(args.meta_pattern)] if args.meta_pattern else []
     if args.meta:
         metadata.append(read_sidecar(args.meta))
     index, report = build_index(args.checkpoint, args.images, args.out, dtype=args.dtype or scfg.dtype,
                                 batch_size=args.batch_size or scfg.batch_size,
                                 num_workers=scfg.num_workers if args.workers is None else args.workers,
-                                device=args.device, ann=args.ann, pca=args.pca, search_cfg=scfg,
+                                device=args.device or cfg.device, ann=args.ann, pca=args.pca, search_cfg=scfg,
                                 progress=not args.quiet, metadata=metadata or None,
                                 follow_symlinks=args.follow_symlinks, explain_maps=not args.no_explain_maps)
     if index is not None:  # rank 0 (or the only process) reports
@@ -140,7 +206,7 @@ def index_cmd(args: argparse.Namespace) -> int:
 def read_queries(args: argparse.Namespace) -> list[str]:
     from lgur.errors import LgurError
 
-    queries = [q for q in args.query if q.strip()]
+    queries = [q for q in split_query_overrides(args.query)[0] if q.strip()]
     if args.queries:
         path = Path(args.queries)
         if not path.is_file():
@@ -156,9 +222,13 @@ def search_cmd(args: argparse.Namespace) -> int:
 
     from lgur.search.filters import Filter
 
+    args.overrides = split_query_overrides(args.query)[1]
+    cfg = command_config(args, "search")
+    apply_faiss_threads(cfg.search)
     queries = read_queries(args)
     flt = Filter.parse(args.where, args.after, args.before)
-    searcher = Searcher(args.index, args.checkpoint, device=args.device, mode=args.mode)
+    searcher = Searcher(args.index, args.checkpoint, device=args.device or cfg.device, mode=args.mode,
+                        search_cfg=cfg.search)
     if flt:
         subset = searcher.select(flt)
         print(f"filter: {flt.describe()}: {len(subset)} of {len(searcher)} images")
@@ -238,7 +308,10 @@ def serve_cmd(args: argparse.Namespace) -> int:
             raise LgurError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.batch_window_ms is not None and not 0 <= args.batch_window_ms <= 1000:
         raise LgurError(f"--batch-window-ms must be within 0..1000, got {args.batch_window_ms}")
-    searcher = Searcher(args.index, args.checkpoint, device=args.device, mode=args.mode, images_root=args.images)
+    cfg = command_config(args, "serve")
+    apply_faiss_threads(cfg.search)
+    searcher = Searcher(args.index, args.checkpoint, device=args.device or cfg.device, mode=args.mode,
+                        search_cfg=cfg.search, images_root=args.images)
     print(f"serving {len(searcher)} images on http://{args.host}:{args.port}/")
     serve(searcher, args.host, args.port, max_body_bytes=args.max_body_bytes, batch_max=args.batch_max,
           batch_window_ms=args.batch_window_ms, follow_symlinks=args.follow_symlinks)
@@ -248,6 +321,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
 def export_cmd(args: argparse.Namespace) -> int:
     from lgur.export.onnx import export_onnx
 
-    report = export_onnx(args.checkpoint, args.out, opset=args.opset)
+    cfg = command_config(args, "export", sections=("export",), keys=())
+    report = export_onnx(args.checkpoint, args.out, opset=args.opset or cfg.export.opset)
     print(report)
     return 0

@@ -36,22 +36,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def video_index_cmd(args: argparse.Namespace) -> int:
-    from lgur.config import defaults
     from lgur.errors import LgurError
+    from lgur.search.cli import apply_faiss_threads, command_config
     from lgur.video.ingest import VideoSettings, index_video
 
     if args.nproc is not None and args.nproc > 1 or args.meta or args.meta_pattern:
         raise LgurError("--video indexes on one process and writes its own metadata (video, time, box, track); "
                         "leave out --nproc, --meta and --meta-pattern")
-    cfg = defaults()
+    cfg = command_config(args, "index --video", sections=("search", "video"))
     scfg = cfg.search
+    apply_faiss_threads(scfg)
     settings = VideoSettings.from_config(cfg.video, fps=args.fps, detector=args.detector,
                                          score_threshold=args.score_threshold, min_height=args.min_height,
                                          frames_fps=args.frames_fps)
     _, report, vreport = index_video(args.checkpoint, args.video, args.out, settings, dtype=args.dtype or scfg.dtype,
                                      batch_size=args.batch_size or scfg.batch_size,
                                      num_workers=scfg.num_workers if args.workers is None else args.workers,
-                                     device=args.device, ann=args.ann, pca=args.pca, search_cfg=scfg,
+                                     device=args.device or cfg.device, ann=args.ann, pca=args.pca, search_cfg=scfg,
                                      progress=not args.quiet)
     print(vreport.summary())
     print(report.summary())
