@@ -2,7 +2,7 @@
 import os
 
 # Passive OpenMP waiting. With the default spin-waiting, a CPU shared with DataLoader workers (or any other
-# busy process) slowed an EfficientNet training step from ~2.5 s to 30-100 s on 2 cores (measured); passive
+# busy process) slowed a training step more than tenfold on a small CPU (README, "Measured"); passive
 # waiting costs nothing measurable when the CPU is idle. Only effective if set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -1,9 +1,9 @@
 """Mixed precision (`train.amp`): which autocast dtype a run uses, and the fp16 loss scaler.
 
     auto  CUDA: bf16 where the GPU supports it, else fp16 + GradScaler. CPU: bf16 only where the CPU
-          has native bf16 matrix instructions (AVX512-BF16 or AMX), else off. Measured with
-          bench/train_step.py (paper model, batch 8, 2 threads, AMD EPYC with AVX512-BF16): a bf16
-          step is 2.2x faster than fp32; without those instructions bf16 is emulated and slower.
+          has native bf16 matrix instructions (AVX512-BF16 or AMX), else off: there a bf16 step is
+          faster than fp32, without them bf16 is emulated and slower (bench/train_step.py prints the
+          ratio; the README lists measured figures).
     bf16  autocast to bfloat16 (no scaler needed)
     fp16  autocast to float16 + torch.amp.GradScaler (CUDA only)
     off   float32

@@ -2,7 +2,7 @@
 
 Why not the usual recipe: IRRA-style code argsorts the whole Q x G similarity matrix (ICFG-PEDES:
 19,848^2 scores = 1.5 GiB, plus 3 GiB of int64 indices) and LGUR's official code loops over queries in
-numpy (85 s, 4.2 GB at ICFG size). Every metric here only needs the 0-based rank of each *relevant*
+numpy (85 s, 4.2 GB at ICFG size, docs/reference.md §9). Every metric here only needs the 0-based rank of each *relevant*
 gallery item, and a relevant item's rank is just "how many gallery items come before it". So, per chunk
 of queries:
 
@@ -95,7 +95,7 @@ class _Relevance:
 class _RowSorter:
     """Sorts each row's values ascending into one reused buffer.
 
-    On CPU numpy's SIMD sort is ~14x faster than torch.sort, and reusing the buffer avoids paging in a
+    On CPU numpy's SIMD sort is much faster than torch.sort (README), and reusing the buffer avoids paging in a
     fresh chunk x G array per chunk (page faults cost as much as a memory pass here).
     """
 

@@ -33,8 +33,8 @@ def faiss_or_none():
     """The faiss module, or None where it is not installed (e.g. the GPU box).
 
     Its OpenMP thread count is set from search.faiss_threads on import: faiss-cpu bundles its own libgomp,
-    which competes with torch's; on a busy 2-core machine an IVF-PQ build of 6000 vectors took 0.2 s with 1
-    thread and 6-27 s with 2 (fine again only with OMP_WAIT_POLICY=PASSIVE set before the process started).
+    which competes with torch's: on a busy small CPU a second faiss thread made an IVF-PQ build tens of times
+    slower (unless OMP_WAIT_POLICY=PASSIVE was set before the process started; figures in the README).
     """
     try:
         import faiss
@@ -62,8 +62,8 @@ def require_faiss():
 
 def fit_pca(embeddings: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
     """(D, dim) orthonormal projection: the top right singular vectors of a sample of the *uncentred* rows
-    (randomised SVD, `torch.svd_lowrank`: ~2 s for 20k x 3072 where an exact eigh of the D x D second
-    moment took ~50 s on 2 cores).
+    (randomised SVD, `torch.svd_lowrank`, about 25 times faster than an exact eigh of the D x D second
+    moment at 20k x 3072; figures in the README).
 
     Uncentred on purpose: we need inner products q.g ~ (W^T q).(W^T g), and the best rank-r approximation of
     the gallery rows (truncated SVD) gives that; centring would drop the g.mean term that varies per item.

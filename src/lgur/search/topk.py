@@ -1,8 +1,9 @@
 """Exact top-k inner-product search over stored embeddings: chunked matmul + top-k, in torch.
 
-Why this design (numbers: bench/search.py on the 2-core CPU box, see docs in the report):
+Why this design (bench/search.py measures it; the README lists the figures):
 - The gallery is stored in fp16 (half the bytes of fp32). Converting fp16 rows to fp32 per chunk is slow on
-  CPU (~1 s per 100k x 3072), so the scan runs on a *working copy* in the compute dtype made once at load.
+  CPU (it costs far more than the scan itself), so the scan runs on a *working copy* in the compute dtype
+  made once at load.
 - bf16 matmul is the fast path on CPUs with AVX512-BF16 (oneDNN) and fp16 on CUDA; both round the scores
   (bf16 keeps 8 mantissa bits), which alone reorders near-ties. So the low-precision scan returns
   k + `margin` candidates per query and those are re-scored in fp32 from the stored rows (`rescore`):
@@ -29,9 +30,9 @@ def torch_threads(n: int) -> Iterator[None]:
     """Run the block with torch on `n` intra-op threads (n <= 0: unchanged), then restore.
 
     Used for single queries (search.single_query_threads): encoding one caption is many small ops and the
-    scan is one memory-bound matrix-vector product per chunk, where one thread already reads ~28 GB/s on
-    the 2-core box; waking a second thread for each op cost more than it gave on that (shared) machine
-    (100k x 3072 fp16 scan: 22 ms on 1 thread, 40 ms on 2). The setting is process-wide, so callers
+    scan is one memory-bound matrix-vector product per chunk, which one thread already runs near memory
+    bandwidth; waking a second thread for each op cost more than it gave on a small shared CPU
+    (bench/search.py prints the one- and two-thread latencies). The setting is process-wide, so callers
     serialise searches (Searcher holds a lock).
     """
     before = torch.get_num_threads()
@@ -72,8 +73,8 @@ class Shards:
             raise ValueError("Shards: parts differ in width or dtype")
         self.shape = torch.Size((int(self.offsets[-1]), d.pop()))
         self.dtype, self.device = self.parts[0].dtype, self.parts[0].device
-        # numpy views for gathers: numpy's fancy indexing of a memory-mapped array measured 1.3 ms for 10k
-        # rows of 256 fp16 where torch indexing of the same mapped tensor took 20-50 ms (2-core box)
+        # numpy views for gathers: numpy's fancy indexing of a memory-mapped array was 15-40 times faster
+        # than torch indexing of the same mapped tensor (figures in the README)
         self._np = ([p.numpy() for p in self.parts] if self.device.type == "cpu" and self.dtype != torch.bfloat16
                     else None)
 
