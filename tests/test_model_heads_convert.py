@@ -13,7 +13,7 @@ from lgur.errors import WeightsError
 from lgur.models import build_model
 from lgur.models.convert import convert_official, read_official_checkpoint
 
-TINY = "configs/lgur_tiny.yaml"
+TINY = "lgur_tiny"
 
 
 class NotATensor:  # an arbitrary pickled object: weights_only loading must refuse it

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from lgur.search.export import ExportableText, example_inputs
-from test_search_index import tiny_checkpoint  # noqa: F401  (fixture)
 
 pytest.importorskip("onnxruntime")
 
 
-def test_unpacked_text_path_equals_packed(tiny_checkpoint):  # noqa: F811
+def test_unpacked_text_path_equals_packed(tiny_checkpoint):
     from lgur.checkpoint import load_model
 
     model, cfg, _ = load_model(tiny_checkpoint)
@@ -34,7 +33,7 @@ def test_unpacked_text_path_equals_packed(tiny_checkpoint):  # noqa: F811
         assert (naive - model.text(ids, mask)).abs().max() > 1e-4
 
 
-def test_onnx_export_parity(tmp_path, tiny_checkpoint, capsys):  # noqa: F811
+def test_onnx_export_parity(tmp_path, tiny_checkpoint, capsys):
     import onnxruntime as ort
 
     from lgur.checkpoint import load_model

@@ -26,10 +26,8 @@ def _index_nproc(checkpoint, gallery, out, extra_path: Path | None = None) -> su
 
 
 @pytest.mark.slow  # lgur index --nproc 2 (torchrun), three times
-def test_two_process_index_equals_single_process(tmp_path, synth_root):
-    from test_search_index import make_checkpoint
-
-    checkpoint = make_checkpoint(tmp_path / "tiny.safetensors", seed=0)
+def test_two_process_index_equals_single_process(tmp_path, synth_root, tiny_checkpoint):
+    checkpoint = tiny_checkpoint
     images = sorted((synth_root / "imgs").rglob("*.jpg"))
     gallery = tmp_path / "gallery"
     for i, src in enumerate(images[:13]):

@@ -89,7 +89,6 @@ def test_faiss_ann_recall_tuned(kind):
     index, param = build_faiss(gallery, kind)
     assert index.ntotal == 6000
     tuning = tune(FaissSearch(index, param, 1), gallery, None, 10, queries, truth, target=0.95)
-    print(f"{kind}: {tuning.describe()}")
     assert tuning.recall >= 0.95
     assert tuning.recall >= tuning.recall_no_rerank - 1e-9
     engine = TwoStageSearch(FaissSearch(index, param, tuning.value), gallery, None, 10)

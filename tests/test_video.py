@@ -19,7 +19,6 @@ from lgur.video.ingest import VideoSettings, index_video, media_dir  # noqa: E40
 from lgur.video.reader import find_sources, probe, sample_frames  # noqa: E402
 from lgur.video.synthetic import render_walkers  # noqa: E402
 from lgur.video.tracker import IoUTracker, iou_matrix  # noqa: E402
-from test_search_index import tiny_checkpoint  # noqa: E402,F401  (fixture)
 
 WALKERS_SEED = 5
 N_WALKERS = 4
@@ -237,7 +236,7 @@ def _settings(**kw) -> VideoSettings:
 
 
 @pytest.fixture(scope="session")
-def video_index(tmp_path_factory, walkers_video, tiny_checkpoint):  # noqa: F811
+def video_index(tmp_path_factory, walkers_video, tiny_checkpoint):
     """An index of the walkers video built with the ground-truth detector and the tiny model."""
     path, truth, _ = walkers_video
     out = tmp_path_factory.mktemp("vidx") / "walk.lgidx"
@@ -272,7 +271,7 @@ def test_ingest_rows_carry_video_time_box_and_pure_tracks(video_index, walkers_v
     assert list(state["sources"]) == ["walk.avi"]
 
 
-def test_ingest_is_incremental_and_names_bad_videos(tmp_path, walkers_video, tiny_checkpoint, monkeypatch):  # noqa: F811
+def test_ingest_is_incremental_and_names_bad_videos(tmp_path, walkers_video, tiny_checkpoint, monkeypatch):
     path, truth, _ = walkers_video
     vids = tmp_path / "vids"
     vids.mkdir()
@@ -302,7 +301,7 @@ def test_ingest_is_incremental_and_names_bad_videos(tmp_path, walkers_video, tin
     assert "settings changed" in rep.reprocess_reason and rep.frames == 10
 
 
-def test_no_people_is_a_readable_error(tmp_path, walkers_video, tiny_checkpoint):  # noqa: F811
+def test_no_people_is_a_readable_error(tmp_path, walkers_video, tiny_checkpoint):
     from lgur.video.reader import VideoError
 
     path, truth, _ = walkers_video

