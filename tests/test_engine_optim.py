@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lgur.config import load_config
-from lgur.engine.optim import LR_OF_MODULE, build_optimizer, build_scheduler, lr_key_of, param_groups
+from lgur.engine.optim import build_optimizer, build_scheduler, lr_key_of, param_groups
 from lgur.errors import ConfigError
 from lgur.models import build_model
 
@@ -19,7 +19,7 @@ def _model(*overrides):
 
 
 def _expected_key(name: str) -> str:
-    """The official recipe, written out independently of LR_OF_MODULE."""
+    """The official recipe, written out independently of the model's parts description."""
     if name.startswith("image.") or name.startswith("text.backbone."):
         return "lr_backbone"
     if name.startswith(("text.lstm.", "text.proj.", "proj.", "text_proj.", "classifiers.")):
@@ -65,8 +65,8 @@ def test_unfrozen_text_backbone_joins_the_backbone_group():
 
 
 def test_unknown_module_is_refused():
-    assert lr_key_of("dga.recon.layers.0.attn.to_q.weight") == LR_OF_MODULE["dga"]
     model, cfg = _model()
+    assert lr_key_of("dga.recon.layers.0.attn.to_q.weight", model.parts) == "lr_heads"
     model.extra_head = torch.nn.Linear(2, 2)
     with pytest.raises(ConfigError, match="extra_head.weight"):
         param_groups(model, cfg.optim)

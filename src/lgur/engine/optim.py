@@ -1,13 +1,14 @@
-"""Optimiser and schedule of the official recipe (lgur-reference §2.2), with explicit parameter groups.
+"""Optimiser and schedule of the official recipe (docs/reference.md §2.2), with explicit parameter groups.
 
-Adam (no weight decay by default) over three learning rates, assigned by MODULE of the LGUR model:
+Adam (no weight decay by default) over three learning rates, assigned by MODULE of the model, as its
+parts description declares them (`model.parts`, lgur.models.parts):
 
     optim.lr_backbone (1e-4)  image backbone (and BERT, only when it is not frozen)
     optim.lr_heads    (1e-4)  R, Pdec, dictionary D, prototypes P, foreground gate (the official detr_lr)
     optim.lr          (1e-3)  BiLSTM, the K part projections, the K ID classifiers
 
 A frozen text backbone has requires_grad False and is never handed to the optimiser. A trainable
-parameter under a module missing from LR_OF_MODULE is an error (never a silent default group).
+parameter that no declared module claims is an error (never a silent default group).
 
 Schedule: MultiStepLR stepped once at the END of every epoch, so 0-based epoch e runs at
 gamma^(#milestones <= e). `optim.official_early_decay` reproduces the official script, which steps at
@@ -21,39 +22,26 @@ import torch
 from torch import nn
 
 from lgur.errors import ConfigError
-
-# module path inside LGUR (longest prefix wins) -> the optim.* key of its learning rate
-LR_OF_MODULE = {
-    "image": "lr_backbone",          # image backbone incl. its width projection (ResNet/CLIP/EfficientNet)
-    "text.backbone": "lr_backbone",  # BERT/MiniLM: only reaches here with model.freeze_text=false
-    "text.lstm": "lr",               # BiLSTM
-    "text.proj": "lr",               # its Linear replacement (model.lstm=false)
-    "dga": "lr_heads",               # R (recon), dictionary D, foreground gate
-    "decoder": "lr_heads",           # Pdec and the prototypes P
-    "proj": "lr",                    # the K part projections
-    "text_proj": "lr",               # the baseline's separate text projection
-    "classifiers": "lr",             # the K ID classifiers
-}
-LR_KEYS = ("lr_backbone", "lr_heads", "lr")
+from lgur.models.parts import LR_KEYS, ModelParts
 
 
-def lr_key_of(name: str) -> str:
-    """The optim.* LR key of a parameter name such as 'dga.recon.layers.0.attn.to_q.weight'."""
-    parts = name.split(".")
-    for n in range(len(parts) - 1, 0, -1):
-        key = LR_OF_MODULE.get(".".join(parts[:n]))
-        if key is not None:
-            return key
-    raise ConfigError(f"parameter '{name}' belongs to no optimiser group: add its module to "
-                      "lgur.engine.optim.LR_OF_MODULE")
+def lr_key_of(name: str, parts: ModelParts) -> str:
+    """The optim.* LR key of a parameter name such as 'dga.recon.layers.0.attn.to_q.weight' (ConfigError
+    naming it when no module of `parts` claims it)."""
+    return parts.lr_key(name)
 
 
 def param_groups(model: nn.Module, ocfg) -> list[dict]:
-    """Adam parameter groups: one per LR key, each with its `lr`, a `name` and the parameter names."""
+    """Adam parameter groups: one per LR key, each with its `lr`, a `name` and the parameter names.
+    `model` describes its parts (`model.parts`: every model lgur.models.build_model builds does)."""
+    parts = getattr(model, "parts", None)
+    if not isinstance(parts, ModelParts):
+        raise TypeError(f"{type(model).__name__} carries no parts description (model.parts): the optimiser "
+                        "groups parameters by the modules it declares")
     groups = {k: {"name": k, "lr": float(ocfg[k]), "params": [], "param_names": []} for k in LR_KEYS}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            group = groups[lr_key_of(name)]
+            group = groups[lr_key_of(name, parts)]
             group["params"].append(p)
             group["param_names"].append(name)
     return [g for g in groups.values() if g["params"]]

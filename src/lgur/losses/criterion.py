@@ -1,54 +1,45 @@
-"""The LGUR training objective L = L_M + L_G (lgur-reference §2.1), configured by the `loss:` section.
+"""The LGUR training objective L = L_M + L_G (docs/reference.md §2.1), configured by the `loss:` section.
 
     L_M = L_ID(V_g, T) + L_ID(V_re, T_re) + L_RK(S(V_g, T)) + L_RK(S(V_re, T_re))
     L_G = L_RK(S(T, T_re)) + L_RK(S(V_g, V_re))
 
 Term names in the log: id_guided, id_dict, rank_guided, rank_dict, guide_text, guide_image ("guided"
 is the pair (image raw branch, T): V_g with CMG, the plain image tokens without it; "dict" is the
-retrieval pair (V_re, T_re)). Ablations drop the terms whose branches do not exist (lgur.models.lgur):
-the baseline keeps id_dict + rank_dict; without CMG there is no L_G; without MSD no guide_text.
+retrieval pair (V_re, T_re)). Which terms a model trains with is part of the model's description
+(`model.parts.terms`, lgur.models.parts): ablations drop the terms whose branches do not exist, the
+baseline keeps id_dict + rank_dict, without CMG there is no L_G, without MSD no guide_text. The
+criterion computes the terms of the model it is handed, so model and loss cannot disagree; `loss.*`
+gives the options and the weights (a term of weight 0 is not computed).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from lgur.errors import ConfigError
 from lgur.losses.identity import part_id_losses
 from lgur.losses.ranking import NEGATIVES, REDUCTIONS, TEXT_HINGES, cosine_similarity, ranking_loss
+from lgur.models.build import model_parts
+from lgur.models.parts import ModelParts, Term
 
-
-@dataclass(frozen=True)
-class Term:
-    name: str
-    kind: str  # id | rank | guide  (selects the weight loss.id_weight / rank_weight / guide_weight)
-    a: str     # branch keys of the model output
-    b: str
+__all__ = ["LGURCriterion", "Term", "build_criterion", "loss_terms"]
 
 
 def loss_terms(mcfg) -> list[Term]:
-    """The loss terms the configured model trains with (see the module docstring)."""
-    terms = []
-    if mcfg.name != "baseline":
-        raw = "V_g" if mcfg.use_cmg else "V" if mcfg.use_msd else None
-        if raw is not None:
-            terms += [Term("id_guided", "id", raw, "T"), Term("rank_guided", "rank", raw, "T")]
-    terms += [Term("id_dict", "id", "V_re", "T_re"), Term("rank_dict", "rank", "V_re", "T_re")]
-    if mcfg.name != "baseline" and mcfg.use_cmg:
-        if mcfg.use_msd:
-            terms.append(Term("guide_text", "guide", "T", "T_re"))
-        terms.append(Term("guide_image", "guide", "V_g", "V_re"))
-    return terms
+    """The loss terms a model built from `mcfg` trains with (its parts description)."""
+    return list(model_parts(mcfg).terms)
 
 
 class LGURCriterion:
     """callable(outputs, labels, model) -> (loss, {term: detached value}); no host sync inside.
 
+    The terms are those of `model.parts` (the model the loss is applied to; DDP-wrapped is fine) with
+    a non-zero weight; `self.terms` are the ones of the configured model (cfg.model), used for a model
+    that carries no description (e.g. a bare holder of `classifiers`).
+
     Negative sampling draws from a torch.Generator per device seeded with cfg.seed; its state is
     exposed by state_dict()/load_state_dict() so a resumed run continues the same random stream.
     `draws` (2, n_rank_terms, B, B), optional: uniform draws to use instead of the generator's (the
-    ranking terms in `self.terms` order, then as lgur.losses.ranking.ranking_loss's `uniform`); tests
+    ranking terms in the order of the model's terms, then as lgur.losses.ranking.ranking_loss's `uniform`); tests
     replay recorded negatives with it through the same code.
     """
 
@@ -64,9 +55,21 @@ class LGURCriterion:
         self.text_hinge = lcfg.text_hinge
         self.weights = {"id": float(lcfg.id_weight), "rank": float(lcfg.rank_weight),
                         "guide": float(lcfg.guide_weight)}
-        self.terms = [t for t in loss_terms(cfg.model) if self.weights[t.kind] != 0.0]
+        self._terms_of: dict[ModelParts, list[Term]] = {}
+        self.terms = self._weighted(model_parts(cfg.model))
         self.seed = int(cfg.seed)
         self._generators: dict[str, torch.Generator] = {}
+
+    def _weighted(self, parts: ModelParts) -> list[Term]:
+        """The terms of `parts` with a non-zero weight, in declared order (cached per description)."""
+        if parts not in self._terms_of:
+            self._terms_of[parts] = [t for t in parts.terms if self.weights[t.kind] != 0.0]
+        return self._terms_of[parts]
+
+    def terms_for(self, model: torch.nn.Module) -> list[Term]:
+        """The weighted terms `model` trains with: from its parts description, else the configured ones."""
+        parts = getattr(getattr(model, "module", model), "parts", None)  # DDP wraps the model
+        return self._weighted(parts) if isinstance(parts, ModelParts) else self.terms
 
     def generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -83,21 +86,22 @@ class LGURCriterion:
 
     def __call__(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, model: torch.nn.Module,
                  draws: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        missing = sorted({k for t in self.terms for k in (t.a, t.b)} - outputs.keys())
-        if missing:
-            raise ValueError(f"model outputs lack branches {missing} needed by the loss; model and loss "
-                             "must be built from the same config")
+        terms = self.terms_for(model)
+        missing = sorted({k for t in terms for k in (t.a, t.b)} - outputs.keys())
+        if missing:  # only outputs made by hand can lack them: a model returns the branches of its terms
+            raise ValueError(f"outputs lack branches {missing} needed by the loss terms "
+                             f"{[t.name for t in terms]}")
         # the loss math runs in float32 even inside the engine's autocast region: bf16 logits over
         # thousands of identities and bf16 cosines near the margin would change which negatives count
         with torch.autocast(labels.device.type, enabled=False):
-            total, logged = self._terms(outputs, labels, model, draws)
+            total, logged = self._terms(terms, outputs, labels, model, draws)
         return total, {k: v.detach() for k, v in logged.items()}
 
-    def _terms(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, model: torch.nn.Module,
-               draws: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _terms(self, terms: list[Term], outputs: dict[str, torch.Tensor], labels: torch.Tensor,
+               model: torch.nn.Module, draws: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logged: dict[str, torch.Tensor] = {}
         total = 0.0
-        id_terms = [t for t in self.terms if t.kind == "id"]
+        id_terms = [t for t in terms if t.kind == "id"]
         if id_terms:
             classifiers = getattr(model, "module", model).classifiers  # DDP wraps the model
             if classifiers is None:
@@ -108,7 +112,7 @@ class LGURCriterion:
             for t in id_terms:
                 logged[t.name] = (ce_of[t.a] + ce_of[t.b]).mean()
             logged["acc_img"], logged["acc_txt"] = acc_of["V_re"], acc_of["T_re"]
-        rank_terms = [t for t in self.terms if t.kind != "id"]
+        rank_terms = [t for t in terms if t.kind != "id"]
         if rank_terms:
             a = torch.stack([outputs[t.a].float().flatten(1) for t in rank_terms])
             b = torch.stack([outputs[t.b].float().flatten(1) for t in rank_terms])
@@ -117,7 +121,7 @@ class LGURCriterion:
                                   generator=None if draws is not None else self.generator(sims.device),
                                   text_hinge=self.text_hinge)
             logged.update({t.name: v for t, v in zip(rank_terms, values)})
-        for t in self.terms:
+        for t in terms:
             total = total + self.weights[t.kind] * logged[t.name]
         logged["loss"] = total
         return total, logged

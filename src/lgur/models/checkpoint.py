@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from lgur.config import Config, config_from_dict
 from lgur.errors import WeightsError
 from lgur.files import CONVERT_OFFICIAL, read_safetensors, read_safetensors_metadata
+from lgur.models.build import build_model
 
 FORMAT = "lgur-model-2"     # fingerprint over the config's model identity + every tensor (model_fingerprint)
 LEGACY_FORMATS = ("lgur-model-1",)  # fingerprint over the tensors only (tensors_fingerprint)
@@ -101,8 +103,6 @@ def model_fingerprint(state: dict[str, torch.Tensor], cfg: Config | dict) -> str
     order, its name and the sha256 of its shape, dtype and bytes (32 hex digits). Computed from the file's contents whenever a model
     is loaded, so metadata alone can neither fake nor hide it: the same tensors under other head
     settings are another model, and so is any changed byte."""
-    from concurrent.futures import ThreadPoolExecutor
-
     names = sorted(state)
     # one sha256 per tensor, on torch's threads (hashlib releases the GIL), then one over the digests
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
@@ -182,8 +182,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", with_classi
     Pretrained-weight paths in the stored config are ignored: every weight comes from the file. The
     metadata's `fingerprint` is computed from the file's tensors and config (read_model_file).
     """
-    from lgur.models.lgur import build_model  # late import: it imports timm/transformers
-
     state, meta = read_model_file(path)
     cfg = meta["config"]
     model_cfg = Config(cfg.to_dict())

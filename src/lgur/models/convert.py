@@ -1,10 +1,10 @@
 """Official LGUR checkpoint (`best.pth.tar`) -> lgur model file (`lgur convert-official`).
 
 The official file is a dict {'network': state dict, 'W': state dict of the 6 ID classifiers,
-'optimizer', 'epoch', 'test_best'} (lgur-reference §9.1); a bare network state dict is accepted too.
+'optimizer', 'epoch', 'test_best'} (docs/reference.md §9.1); a bare network state dict is accepted too.
 It is read through lgur.files.read_torch (torch.load(weights_only=True)); the only globals admitted beyond tensors are numpy's
 scalar/dtype reconstructors, because the official `test_best` is a numpy float64.
-Names follow the fixture README's table:
+Official names -> lgur names (the lgur side is built from the modules' paths in lgur.models.parts):
 
     TXTDecoder_2.transformer.layers.i.0.fn.norm.*        -> dga.recon.layers.i.attn.norm.*     (R)
     TXTDecoder_2.transformer.layers.i.0.fn.fn.to_q/to_kv -> dga.recon.layers.i.attn.to_q/to_kv
@@ -31,16 +31,21 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lgur.config import Config, load_config
 from lgur.errors import WeightsError
 from lgur.files import read_torch
+from lgur.models.build import build_model
+from lgur.models.checkpoint import save_model
+from lgur.models.parts import (BILSTM, CLASSIFIERS, DICTIONARY, GATE, IMAGE_BACKBONE, PDEC, PROJECTIONS, PROTOTYPES,
+                               TEXT_BACKBONE, R)
 
 log = logging.getLogger(__name__)
 
 _BLOCK = re.compile(r"^(TXTDecoder_2|TXTDecoder)\.transformer\.layers\.(\d+)\.([01])\.fn\.(.+)$")
-_BLOCK_PREFIX = {"TXTDecoder_2": "dga.recon", "TXTDecoder": "decoder.block"}
+_BLOCK_PREFIX = {"TXTDecoder_2": R.path, "TXTDecoder": PDEC.path}
 _SUBLAYER = {  # (sub-layer index, official tail) -> our tail
     ("0", "norm.weight"): "attn.norm.weight", ("0", "norm.bias"): "attn.norm.bias",
     ("0", "fn.to_q.weight"): "attn.to_q.weight", ("0", "fn.to_kv.weight"): "attn.to_kv.weight",
@@ -49,13 +54,16 @@ _SUBLAYER = {  # (sub-layer index, official tail) -> our tail
     ("1", "fn.net.0.weight"): "ffn.fc1.weight", ("1", "fn.net.0.bias"): "ffn.fc1.bias",
     ("1", "fn.net.3.weight"): "ffn.fc2.weight", ("1", "fn.net.3.bias"): "ffn.fc2.bias",
 }
-_PLAIN = {"dict_feature": "dga.dictionary.atoms", "query_embed_image": "decoder.prototypes",
-          "mask.0.weight": "dga.gate.proj.weight", "mask.0.bias": "dga.gate.proj.bias"}
+_DICTIONARY, _PROTOTYPES = f"{DICTIONARY.path}.atoms", PROTOTYPES.path  # (1, s, d) / (1, K, d) officially
+_PLAIN = {"dict_feature": _DICTIONARY, "query_embed_image": _PROTOTYPES,
+          "mask.0.weight": f"{GATE.path}.proj.weight", "mask.0.bias": f"{GATE.path}.proj.bias"}
+_PROJECTIONS, _LSTM_PROBE = f"{PROJECTIONS.path}.weight", f"{BILSTM.path}.weight_ih_l0"
 _PART = re.compile(r"^conv_1X1_2\.(\d+)\.block\.0\.weight$")
 _CLASSIFIER = re.compile(r"^(\d+)\.W\.block\.(weight|bias)$")
-_PREFIXES = {"TextExtract.lstm.": "text.lstm.", "TextExtract.text_embed.": "text.backbone.",
-             "ImageExtract.model.": "image.model."}
-_IMAGE_BLOCK = re.compile(r"^image\.model\.blocks\.(\d+)\.")
+_IMAGE_MODEL = f"{IMAGE_BACKBONE.path}.model."  # lgur.models.backbones.image.ImageBackbone.model
+_PREFIXES = {"TextExtract.lstm.": f"{BILSTM.path}.", "TextExtract.text_embed.": f"{TEXT_BACKBONE.path}.",
+             "ImageExtract.model.": _IMAGE_MODEL}
+_IMAGE_BLOCK = re.compile(rf"^{re.escape(_IMAGE_MODEL)}blocks\.(\d+)\.")
 _UNUSED = re.compile(r"^(pos_embed_image|ImageExtract\.model\.(norm|fc)\..+|TextExtract\.text_embed\."
                      r"(pooler\..+|embeddings\.(position_ids|token_type_ids)))$")
 
@@ -96,7 +104,7 @@ def map_official_state(network: dict[str, torch.Tensor], classifiers: dict[str, 
             else:
                 out[_PREFIXES[prefix] + key[len(prefix):]] = value
     if projections:
-        out["proj.weight"] = _stack_parts(projections, "conv_1X1_2")
+        out[_PROJECTIONS] = _stack_parts(projections, "conv_1X1_2")
     if classifiers:
         parts: dict[str, dict[int, torch.Tensor]] = {"weight": {}, "bias": {}}
         for key, value in classifiers.items():
@@ -106,7 +114,7 @@ def map_official_state(network: dict[str, torch.Tensor], classifiers: dict[str, 
                 unmapped.append(f"W:{key}")
         for name, by_part in parts.items():
             if by_part:
-                out[f"classifiers.{name}"] = _stack_parts(by_part, f"W {name}")
+                out[f"{CLASSIFIERS.path}.{name}"] = _stack_parts(by_part, f"W {name}")
     return {k: v.contiguous() for k, v in out.items()}, sorted(ignored), sorted(unmapped)
 
 
@@ -119,7 +127,7 @@ def drop_unbuilt_blocks(mapped: dict[str, torch.Tensor], own: dict[str, torch.Te
     extra = [k for k in mapped if (m := _IMAGE_BLOCK.match(k)) and int(m.group(1)) > max(built)]
     for k in extra:
         del mapped[k]
-    return sorted("ImageExtract.model." + k[len("image.model."):] for k in extra)
+    return sorted("ImageExtract.model." + k[len(_IMAGE_MODEL):] for k in extra)
 
 
 def _infer_block(mapped: dict[str, torch.Tensor], prefix: str, heads: int, what: str) -> dict[str, int]:
@@ -142,16 +150,16 @@ def official_config(mapped: dict[str, torch.Tensor], base: Config) -> Config:
     m.name, m.use_msd, m.use_cmg, m.use_fcr, m.use_pgu = "lgur", True, True, True, True
     m.image_weights = m.text_weights = None
     try:
-        atoms, prototypes, proj = mapped["dga.dictionary.atoms"], mapped["decoder.prototypes"], mapped["proj.weight"]
+        atoms, prototypes, proj = mapped[_DICTIONARY], mapped[_PROTOTYPES], mapped[_PROJECTIONS]
     except KeyError as e:
         raise WeightsError(f"the official checkpoint lacks the LGUR head tensor for {e}") from None
     m.dict_size, m.dim = atoms.shape
     m.num_prototypes, m.embed_dim = prototypes.shape[0], proj.shape[1]
-    recon = _infer_block(mapped, "dga.recon", m.recon_heads, "TXTDecoder_2 (R)")
-    pgu = _infer_block(mapped, "decoder.block", m.pgu_heads, "TXTDecoder (Pdec)")
+    recon = _infer_block(mapped, R.path, m.recon_heads, "TXTDecoder_2 (R)")
+    pgu = _infer_block(mapped, PDEC.path, m.pgu_heads, "TXTDecoder (Pdec)")
     m.recon_depth, m.recon_ffn, m.recon_head_dim = recon["depth"], recon["ffn"], recon["head_dim"]
     m.pgu_depth, m.pgu_ffn, m.pgu_head_dim = pgu["depth"], pgu["ffn"], pgu["head_dim"]
-    m.lstm = "text.lstm.weight_ih_l0" in mapped
+    m.lstm = _LSTM_PROBE in mapped
     return cfg
 
 
@@ -159,8 +167,6 @@ def _numpy_scalar_globals() -> list:
     """Allow-list for the weights_only unpickler: the official script stores `test_best` as a numpy
     float64 (its R@1, `cmc[0]`), pickled as numpy.core.multiarray.scalar(dtype, bytes). Rebuilding a
     numpy scalar from a dtype and raw bytes runs no code, so these (and nothing else) are admitted."""
-    import numpy as np
-
     scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
     return [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
             *(type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32))]
@@ -188,9 +194,6 @@ def convert_official(src: str | Path, dst: str | Path, config: str | Path | None
     `config`/`overrides` give what the weights cannot tell (backbone names, image size, head counts);
     the defaults are the official model. Unmapped official keys raise unless `ignore_unmapped`.
     """
-    from lgur.models.checkpoint import save_model
-    from lgur.models.lgur import build_model
-
     network, classifiers, extra = read_official_checkpoint(src)
     mapped, ignored, unmapped = map_official_state(network, classifiers)
     if unmapped and not ignore_unmapped:
@@ -199,7 +202,7 @@ def convert_official(src: str | Path, dst: str | Path, config: str | Path | None
     for key in unmapped:
         log.warning("dropped unmapped official key %s", key)
     cfg = official_config(mapped, load_config(config, overrides))
-    num_classes = mapped["classifiers.weight"].shape[1] if "classifiers.weight" in mapped else 0
+    num_classes = mapped[f"{CLASSIFIERS.path}.weight"].shape[1] if f"{CLASSIFIERS.path}.weight" in mapped else 0
     model = build_model(cfg, num_classes=num_classes, pretrained=False)
     own = model.state_dict()
     ignored += drop_unbuilt_blocks(mapped, own)

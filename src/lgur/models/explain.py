@@ -24,9 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
-from lgur.models.lgur import LGUR, retrieval_embedding
+from lgur.models.base import RetrievalModel, retrieval_embedding
 
 
 def token_grid(num_tokens: int, image_size: Sequence[int]) -> tuple[int, int]:
@@ -49,7 +50,7 @@ def part_contributions(image_embeddings: torch.Tensor, text_embedding: torch.Ten
 
 
 @contextmanager
-def record_attention(model: LGUR) -> Iterator[list[list[torch.Tensor]]]:
+def record_attention(model: RetrievalModel) -> Iterator[list[list[torch.Tensor]]]:
     """Inside the block, every forward of the prototype decoder appends, per layer, its attention probabilities
     (B, heads, K, tokens). Yields the per-layer lists ([] when the model has no decoder)."""
     if model.decoder is None:
@@ -93,7 +94,7 @@ class TextEvidence:
 
 
 @torch.no_grad()
-def image_evidence(model: LGUR, images: torch.Tensor) -> ImageEvidence:
+def image_evidence(model: RetrievalModel, images: torch.Tensor) -> ImageEvidence:
     """One forward of normalised images (B, 3, H, W) that returns the embeddings and the maps."""
     V = model.image(images)
     grid = token_grid(V.shape[1], images.shape[-2:])
@@ -136,8 +137,6 @@ def maps_layout(ev: ImageEvidence, num_parts: int) -> dict:
 def unpack_maps(rows, layout: dict) -> tuple:
     """Stored rows (n, K + 1, h * w) -> (part attention (n, K, h, w) | None, foreground (n, h, w) | None) as fp32
     numpy, None for a component the layout lacks."""
-    import numpy as np
-
     rows = np.asarray(rows, dtype=np.float32)
     (h, w), k = layout["grid"], layout["parts"]
     pa = rows[:, :k].reshape(len(rows), k, h, w) if layout.get("part_attention") else None
@@ -160,7 +159,7 @@ def _words(tokenizer, caption: str, max_tokens: int) -> tuple[list[str], list[in
 
 
 @torch.no_grad()
-def text_evidence(model: LGUR, captions: list[str]) -> TextEvidence:
+def text_evidence(model: RetrievalModel, captions: list[str]) -> TextEvidence:
     """One forward of a batch of captions that returns the embeddings and each part's attention over words."""
     tok = model.tokenizer
     batch = tok(list(captions), padding=True, truncation=True, max_length=model.max_caption_tokens,
@@ -190,7 +189,7 @@ def text_evidence(model: LGUR, captions: list[str]) -> TextEvidence:
                         special_mass=torch.stack(special) if special else None)
 
 
-def limitations(model: LGUR) -> list[str]:
+def limitations(model: RetrievalModel) -> list[str]:
     """What this model cannot explain (ablations / baseline), in words for the user."""
     out = []
     if model.decoder is None:

@@ -1,9 +1,10 @@
-"""`lgur info`: parameter counts of the model a config describes, per paper module.
+"""`lgur info`: parameter counts of the model a config describes, per paper module (the modules of the
+model's parts description, lgur.models.parts).
 
 The model is built on the meta device with pretrained=False: no weights file is read, no memory is
 allocated and BERT-base takes no time to initialise; counts depend only on shapes. Total and trainable
 exclude the ID classifiers (the official code keeps them outside the network too), which are reported
-separately. Reference (lgur-reference.md §9): the official network has 145,657,985 parameters used at
+separately. Reference (docs/reference.md §9): the official network has 145,657,985 parameters used at
 inference, BERT counted with its pooler (590,592); we never build the pooler (nor DeiT's 12th block,
 final norm and head, nor the unused pos_embed_image), so the paper recipe comes to 145,067,393
 (-0.41 %), 36,175,745 of them trainable (the official 38,385,129 minus the 2,209,384 it never uses).
@@ -15,45 +16,35 @@ import json
 import torch
 from torch import nn
 
-# (json key, label, parameter-name prefixes of the LGUR model)
-MODULES = [
-    ("image_backbone", "image backbone", ("image.",)),
-    ("text_backbone", "text backbone (BERT)", ("text.backbone.",)),
-    ("bilstm", "BiLSTM", ("text.lstm.",)),
-    ("text_projection", "text projection (no BiLSTM)", ("text.proj.",)),
-    ("R", "R (DGA reconstruction block)", ("dga.recon.",)),
-    ("Pdec", "Pdec (PGU decoder)", ("decoder.block.",)),
-    ("projections", "part projections", ("proj.", "text_proj.")),
-    ("dictionary", "shared dictionary D", ("dga.dictionary.",)),
-    ("prototypes", "prototypes", ("decoder.prototypes",)),
-    ("gate", "foreground gate M", ("dga.gate.",)),
-]
-LABELS = {key: label for key, label, _ in MODULES}
-CLASSIFIERS = "classifiers."
+from lgur.config import load_config
+from lgur.models.build import build_model
+from lgur.models.parts import CATALOGUE, CLASSIFIERS, ModelParts
+
+LABELS = {m.key: m.label for m in CATALOGUE}  # row labels, from the parts catalogue
 
 
-def module_key(name: str) -> str:
-    """Which paper module a parameter belongs to; an unlisted one is counted under its top-level name."""
-    for key, _, prefixes in MODULES:
-        if name.startswith(prefixes):
-            return key
-    return name.split(".")[0]
+def module_key(name: str, parts: ModelParts) -> str:
+    """Which paper module a parameter belongs to (the model's parts description); an unclaimed one is
+    counted under its top-level name."""
+    module = parts.module_of(name)
+    return module.key if module is not None else name.split(".")[0]
 
 
 def parameter_counts(model: nn.Module) -> dict:
-    """{'total', 'trainable', 'classifiers', 'modules': {key: n}, 'trainable_modules': {key: n}}.
-    total/trainable exclude the ID classifiers; the modules add up to total."""
+    """{'total', 'trainable', 'classifiers', 'modules': {key: n}, 'trainable_modules': {key: n}}, per module
+    of `model.parts`. total/trainable exclude the ID classifiers; the modules add up to total."""
+    parts: ModelParts = model.parts
     modules: dict[str, int] = {}
     trainable_modules: dict[str, int] = {}
     classifiers = 0
     for name, p in model.named_parameters():
-        if name.startswith(CLASSIFIERS):
+        key = module_key(name, parts)
+        if key == CLASSIFIERS.key:
             classifiers += p.numel()
             continue
-        key = module_key(name)
         modules[key] = modules.get(key, 0) + p.numel()
         trainable_modules[key] = trainable_modules.get(key, 0) + (p.numel() if p.requires_grad else 0)
-    order = {key: i for i, (key, _, _) in enumerate(MODULES)}  # paper order, unlisted ones last
+    order = {m.key: i for i, m in enumerate(CATALOGUE)}  # paper order, unclaimed ones last
     keys = sorted(modules, key=lambda k: order.get(k, len(order)))
     return {"total": sum(modules.values()), "trainable": sum(trainable_modules.values()),
             "classifiers": classifiers, "modules": {k: modules[k] for k in keys},
@@ -62,8 +53,6 @@ def parameter_counts(model: nn.Module) -> dict:
 
 def count_config(cfg, num_classes: int) -> dict:
     """Build the model of `cfg` on the meta device (no weights, no memory) and count it."""
-    from lgur.models import build_model
-
     with torch.device("meta"):
         model = build_model(cfg, num_classes, pretrained=False)
     return parameter_counts(model)
@@ -83,8 +72,6 @@ def format_counts(counts: dict, cfg, num_classes: int) -> str:
 
 
 def run_info(args) -> int:
-    from lgur.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     counts = count_config(cfg, args.num_classes)
     print(json.dumps(counts, indent=1) if args.json else format_counts(counts, cfg, args.num_classes))

@@ -15,7 +15,7 @@ come from a model file afterwards. Module names follow the official checkpoint s
 `TextExtract.lstm.*` -> `text.lstm.*`.
 """
 from lgur.models.backbones.image import IMAGE_BACKBONES, ImageBackbone, build_image_backbone
-from lgur.models.backbones.text import TextEncoder, build_text_encoder, load_tokenizer
+from lgur.models.backbones.text import TEXT_BACKBONES, TextEncoder, build_text_encoder, load_tokenizer
 
-__all__ = ["IMAGE_BACKBONES", "ImageBackbone", "TextEncoder", "build_image_backbone", "build_text_encoder",
-           "load_tokenizer"]
+__all__ = ["IMAGE_BACKBONES", "ImageBackbone", "TEXT_BACKBONES", "TextEncoder", "build_image_backbone",
+           "build_text_encoder", "load_tokenizer"]

