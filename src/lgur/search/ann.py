@@ -26,6 +26,7 @@ ANN_KINDS = ("ivfpq", "hnsw")
 # multiplied by sqrt(FILTER_PROBE_GROWTH / f) (bench/scale.py measures recall with a 1 % filter)
 FILTER_PROBE_GROWTH = 0.1
 _FAISS_THREADS_SET = False
+TUNE_REFINE = 3  # bisection steps of `tune` below the first power of two reaching the recall target
 PCA_SAMPLE = 20000  # rows used to fit the PCA (the D x D second moment of more rows costs minutes on 2 cores)
 
 
@@ -200,10 +201,9 @@ class TwoStageSearch:
 def build_faiss(vectors, kind: str, seed: int = 0, hnsw_m: int = 32, pq_dims: int = 2, add_rows: int = 262144):
     """Build (train + add) a faiss inner-product index over (N, d) vectors.
 
-    ivfpq: `IVF{nlist},PQ{d/pq_dims}x4fs` (4-bit fast-scan PQ, the fastest IVF-PQ on CPU), nlist ~ sqrt(N)
-           (capped so every list gets >= 39 training points); searched with nprobe. Measured at 100k x 256:
-           PQ128x4fs reaches recall 0.97 where PQ64x4fs stalls at 0.93, and 8-bit PQ64 builds 40x slower;
-           4 sqrt(N) lists needed more probes for the same recall (re-id neighbours spread over lists).
+    ivfpq: `IVF{nlist},PQ{d/pq_dims}x4fs` (4-bit fast-scan PQ, the fastest IVF-PQ on CPU), nlist =
+           `ivf_nlist(N)`; searched with nprobe. Measured at 100k x 256: PQ128x4fs reaches recall 0.97 where
+           PQ64x4fs stalls at 0.93, and 8-bit PQ64 builds 40x slower.
     hnsw:  `HNSW{hnsw_m}` over the (reduced) float vectors; searched with efSearch.
     Trained on a sample, then filled block by block (`add_rows` at a time) from `vectors` (a tensor or
     Shards, e.g. memory-mapped reduced rows): the full matrix is never converted to fp32 at once.
@@ -218,12 +218,17 @@ def build_faiss(vectors, kind: str, seed: int = 0, hnsw_m: int = 32, pq_dims: in
             index.add(np.ascontiguousarray(b.float().cpu().numpy()))
 
     if kind == "ivfpq":
-        nlist = int(max(1, min(round(n ** 0.5), n // 39)))
+        nlist = ivf_nlist(n)
         m = max(1, d // pq_dims)
         while d % m:
             m -= 1
         index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x4fs", faiss.METRIC_INNER_PRODUCT)
-        faiss.extract_index_ivf(index).cp.seed = seed
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = seed
+        # spherical k-means (unit centroids): with inner-product assignment, plain k-means centroids (means,
+        # of varying norm) draw rows to the longest centroid rather than the nearest. On the 1M benchmark
+        # (bench/scale.py, 100 queries) recall@10 at nprobe 128 of 1000 lists: 0.920 vs 0.914, at 256: equal
+        ivf.cp.spherical = True
         train = vectors.take(sample_rows(n, 64 * nlist + 4096, seed)).float().cpu().numpy()
         index.train(np.ascontiguousarray(train))
         fill(index)
@@ -264,18 +269,47 @@ def measure(engine, queries: torch.Tensor, truth: torch.Tensor, k: int = 10) -> 
 
 
 def tune(first: FaissSearch, store: torch.Tensor, components: torch.Tensor | None, rerank: int,
-         queries: torch.Tensor, truth: torch.Tensor, target: float) -> Tuning:
-    """Smallest nprobe/efSearch (powers of two) whose re-ranked recall@10 reaches `target`."""
-    values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-              if first.param != "nprobe" or v <= max(1, faiss_nlist(first.index))]
+         queries: torch.Tensor, truth: torch.Tensor, target: float, refine: int = TUNE_REFINE) -> Tuning:
+    """Smallest nprobe/efSearch whose re-ranked recall@10 reaches `target`: the first power of two that
+    does, then `refine` bisection steps between it and the power below (the search time grows about
+    linearly with nprobe: on the 1M benchmark nprobe 512 was needed among powers of two while ~300
+    reached the target)."""
+    cap = max(1, faiss_nlist(first.index)) if first.param == "nprobe" else 4096
+    values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if v < cap] + [cap]
     engine = TwoStageSearch(first, store, components, rerank)
     bare = TwoStageSearch(first, store, components, 0)
+    below = None  # the largest value known to miss the target
     for v in values:
         first.set_param(v)
         recall, ms = measure(engine, queries, truth)
         if recall >= target or v == values[-1]:
             break
+        below = v
+    best = (v, recall, ms)
+    if best[1] >= target and below is not None:
+        lo, hi = below, v
+        for _ in range(int(refine)):
+            mid = (lo + hi) // 2
+            if mid <= lo:
+                break
+            first.set_param(mid)
+            recall, ms = measure(engine, queries, truth)
+            if recall >= target:
+                hi, best = mid, (mid, recall, ms)
+            else:
+                lo = mid
+    v, recall, ms = best
+    first.set_param(v)
     return Tuning(first.param, v, recall, measure(bare, queries, truth)[0], ms, len(queries))
+
+
+def ivf_nlist(n: int) -> int:
+    """IVF list count for n rows: round(sqrt(n)), capped so every list gets >= 39 training points (faiss's
+    minimum) and at least 1. Measured on the 1M benchmark (bench/scale.py, 256-d PCA rows, PQ64x4fs):
+    4 sqrt(N) lists reached the same recall@10 only by scanning the same share of the rows (12.8 % of the
+    lists: 0.902 with 4000 lists, 0.903 with 1000) while their k-means took 4x longer; re-id neighbours
+    of a query spread over many lists, so finer lists do not cut the rows scanned."""
+    return int(max(1, min(round(max(int(n), 0) ** 0.5), int(n) // 39)))
 
 
 def faiss_nlist(index) -> int:

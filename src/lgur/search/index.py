@@ -720,6 +720,9 @@ def _previous(out: Path, fingerprint: str, root: Path, dtype: str) -> tuple[Gall
     return old, ""
 
 
+ENCODE_HOST_ROWS = 16384  # encode_files: rows kept on the device between copies to the host
+
+
 def encode_files(model, dataset, positions: list[int], batch_size: int, num_workers: int, device,
                  progress: bool = True, maps_out: dict | None = None) -> tuple[torch.Tensor, list[int]]:
     """Encode dataset items `positions` -> (embeddings fp32 on CPU, the positions that decoded, in order).
@@ -737,24 +740,40 @@ def encode_files(model, dataset, positions: list[int], batch_size: int, num_work
     loader = DataLoader(Subset(dataset, positions), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=Collate(pad_id=0), pin_memory=device.type == "cuda")
     embs, done, maps = [], [], []
+    # the device's results stay queued there (no host sync per batch) and come back in one copy per
+    # ENCODE_HOST_ROWS rows (bounds the device memory they hold); on CPU the copies are no-ops
+    queued, queued_maps, held = [], [], 0
+
+    def to_host():
+        nonlocal queued, queued_maps, held
+        if queued:
+            embs.append(torch.cat(queued).float().cpu())
+        if queued_maps:
+            maps.append(torch.cat(queued_maps).cpu())
+        queued, queued_maps, held = [], [], 0
+
     # bf16 autocast on CUDA (fast, and the rows are stored in fp16 anyway); plain fp32 on CPU
     amp = autocast(device, torch.bfloat16 if device.type == "cuda" else None)
     bar = tqdm(total=len(positions), desc="encoding images", unit="img", disable=not progress)
     with torch.no_grad(), amp, bar:
         for batch in loader:
-            if batch["indices"].numel():
+            if batch["indices"].numel():  # collated on the host: no device sync
                 images = batch["images"].to(device, non_blocking=True)
                 if maps_out is None:
-                    embs.append(model.encode_images(images).float().cpu())
+                    queued.append(model.encode_images(images).float())
                 else:
                     ev = image_evidence(model, images)
-                    embs.append(ev.embeddings.float().cpu())
+                    queued.append(ev.embeddings.float())
                     packed = pack_maps(ev, model.num_parts)
                     if packed is not None:
-                        maps.append(packed.half())
+                        queued_maps.append(packed.half())
                         maps_out["layout"] = maps_layout(ev, model.num_parts)
                 done.extend(batch["indices"].tolist())
+                held += len(images)
+                if held >= ENCODE_HOST_ROWS:
+                    to_host()
             bar.update(len(batch["indices"]))
+    to_host()
     dim = model.embedding_dim
     if maps:
         maps_out["maps"] = torch.cat(maps)

@@ -113,11 +113,15 @@ def make_engine(index: GalleryIndex, mode: str, scfg, device: torch.device):
         engine = TwoStageSearch(first, exact.store, components, int(ann["rerank"]))  # as tuned at build time
         # a small filtered subset: an exact scan of its rows (PCA rows when built, re-ranked) beats probing
         # most of the IVF lists for the few allowed rows among them
-        small = (TwoStageSearch(ExactSearch(index.reduced, scfg.compute_dtype, scfg.chunk_rows, device), exact.store,
-                                components, int(index.manifest["pca"]["rerank"])) if components is not None else exact)
+        cache = int(scfg.filter_cache_mb) << 20
+        small = (TwoStageSearch(ExactSearch(index.reduced, scfg.compute_dtype, scfg.chunk_rows, device,
+                                            subset_cache_bytes=cache), exact.store,
+                                components, int(index.manifest["pca"]["rerank"])) if components is not None
+                 else ExactSearch(index.store, scfg.compute_dtype, scfg.chunk_rows, device, subset_cache_bytes=cache))
         return FilterRouter(engine, small, int(scfg.filter_exact_rows))
     if components is not None:
-        first = ExactSearch(index.reduced, scfg.compute_dtype, scfg.chunk_rows, device)
+        first = ExactSearch(index.reduced, scfg.compute_dtype, scfg.chunk_rows, device,
+                            subset_cache_bytes=int(scfg.filter_cache_mb) << 20)
         return TwoStageSearch(first, exact.store, components, int(index.manifest["pca"]["rerank"]))
     return exact
 

@@ -13,6 +13,7 @@ Why this design (bench/search.py measures it; the README lists the figures):
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -155,7 +156,7 @@ class ExactSearch:
     """
 
     def __init__(self, embeddings: "torch.Tensor | Shards", compute_dtype: str = "auto", chunk_rows: int = 65536,
-                 device: str | torch.device = "cpu", margin: int = 16):
+                 device: str | torch.device = "cpu", margin: int = 16, subset_cache_bytes: int = 0):
         if compute_dtype != "auto" and compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be auto or one of {', '.join(DTYPES)}, got {compute_dtype!r}")
         self.device = torch.device(device)
@@ -166,6 +167,10 @@ class ExactSearch:
         self.compute_dtype = compute_dtype
         self.chunk_rows = max(1, int(chunk_rows))
         self.margin = int(margin)
+        # a filter's rows gathered for its scan, kept for the next query with the same subset array (the
+        # Searcher reuses one array per filter): up to `subset_cache_bytes` in all, oldest dropped first
+        self.subset_cache_bytes = int(subset_cache_bytes)
+        self._subset_cache: OrderedDict = OrderedDict()
         self._copies: dict[torch.dtype, torch.Tensor] = {self.store.dtype: self.store}
 
     def __len__(self) -> int:
@@ -189,11 +194,23 @@ class ExactSearch:
         for r0 in range(0, work.shape[0], self.chunk_rows):
             yield r0, work[r0:r0 + self.chunk_rows]
 
-    def _subset_blocks(self, subset: np.ndarray, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _subset_blocks(self, subset: np.ndarray, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        key = (id(subset), dtype)
+        hit = self._subset_cache.get(key)
+        if hit is not None and hit[0] is subset:  # the same array object (kept alive by the cache)
+            self._subset_cache.move_to_end(key)
+            return hit[1]
         store = Shards.of(self.store)
+        blocks = []
         for i in range(0, len(subset), self.chunk_rows):
             ids = torch.from_numpy(subset[i:i + self.chunk_rows])
-            yield ids, store.take(ids).to(dtype)
+            blocks.append((ids, store.take(ids).to(dtype)))
+        size = sum(b.numel() * b.element_size() + ids.numel() * 8 for ids, b in blocks)
+        if size <= self.subset_cache_bytes:
+            self._subset_cache[key] = (subset, blocks, size)
+            while sum(v[2] for v in self._subset_cache.values()) > self.subset_cache_bytes:
+                self._subset_cache.popitem(last=False)
+        return blocks
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int, subset: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,92 @@
+"""Choices that make large galleries fast: IVF list count vs N, nprobe refined below a power of two, the
+filtered subset's gathered rows kept between queries."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lgur.search.ann import (FaissSearch, build_faiss, exact_truth, faiss_nlist, faiss_or_none, ivf_nlist,
+                             recall_queries, synthetic_embeddings, tune)
+from lgur.search.topk import ExactSearch, Shards
+
+needs_faiss = pytest.mark.skipif(faiss_or_none() is None, reason="faiss is not installed (pip install faiss-cpu)")
+
+
+def test_ivf_nlist_grows_as_sqrt_n_with_39_points_per_list():
+    assert ivf_nlist(1_000_000) == 1000
+    assert ivf_nlist(10_000_000) == 3162
+    assert ivf_nlist(100_000) == 316
+    assert ivf_nlist(6000) == 77
+    assert ivf_nlist(1000) == 25  # sqrt = 32 lists would get < 39 training points each
+    assert ivf_nlist(39) == 1 and ivf_nlist(10) == 1 and ivf_nlist(0) == 1
+    sizes = [ivf_nlist(n) for n in range(0, 20000, 37)]
+    assert sizes == sorted(sizes)  # never fewer lists for more rows
+
+
+@needs_faiss
+def test_ivfpq_index_uses_ivf_nlist_and_spherical_centroids():
+    gallery = synthetic_embeddings(6000, 64, rank=16)
+    index, param = build_faiss(gallery, "ivfpq")
+    assert param == "nprobe" and faiss_nlist(index) == ivf_nlist(6000) == 77
+    import faiss
+
+    centroids = faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, 77)
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-4)
+
+
+@needs_faiss
+def test_tune_refines_below_the_first_power_of_two():
+    gallery = synthetic_embeddings(20000, 64, rank=32)
+    queries = recall_queries(gallery, 200, seed=4)
+    truth = exact_truth(gallery, queries)
+    index, param = build_faiss(gallery, "ivfpq")
+    coarse = tune(FaissSearch(index, param, 1), gallery, None, 10, queries, truth, target=0.95, refine=0)
+    first = FaissSearch(index, param, 1)
+    fine = tune(first, gallery, None, 10, queries, truth, target=0.95, refine=3)
+    assert coarse.recall >= 0.95 and fine.recall >= 0.95
+    assert coarse.value & (coarse.value - 1) == 0  # without refinement: a power of two
+    # this gallery (141 lists): 32 probes give recall ~0.94, 48 ~0.97, 64 ~0.98 -> refined below 64
+    assert coarse.value // 2 < fine.value < coarse.value
+    assert first.value == fine.value  # the searcher is left at the chosen value
+    from lgur.search.ann import TwoStageSearch, measure
+
+    again, _ = measure(TwoStageSearch(first, gallery, None, 10), queries, truth)
+    assert again == pytest.approx(fine.recall)
+
+
+class CountingShards(Shards):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.taken = 0
+
+    def take(self, ids):
+        self.taken += torch.as_tensor(ids).numel()
+        return super().take(ids)
+
+
+def test_filtered_scan_keeps_the_subset_rows_for_the_next_query():
+    gallery = synthetic_embeddings(5000, 48, rank=12)
+    queries = recall_queries(gallery, 3, seed=2)
+    subset = np.arange(7, 5000, 10, dtype=np.int64)
+    plain = ExactSearch(gallery, chunk_rows=128).search(queries, 10, subset=subset)
+    store = CountingShards([gallery], mapped=True)
+    cached = ExactSearch(store, chunk_rows=128, subset_cache_bytes=1 << 20)
+    for _ in range(3):
+        got = cached.search(queries, 10, subset=subset)
+        assert torch.equal(got[1], plain[1])
+        torch.testing.assert_close(got[0], plain[0])
+    gathered = store.taken
+    assert gathered >= len(subset)
+    cached.search(queries, 10, subset=subset)
+    assert store.taken - gathered < len(subset)  # only the re-scored rows, not the subset again
+    other = subset.copy()  # an equal but different array: gathered anew (the cache keys on the object)
+    cached.search(queries, 10, subset=other)
+    assert store.taken - gathered >= len(subset)
+    # a budget smaller than the subset's rows: nothing kept, every query gathers again
+    store2 = CountingShards([gallery], mapped=True)
+    small = ExactSearch(store2, chunk_rows=128, subset_cache_bytes=1000)
+    small.search(queries, 10, subset=subset)
+    first = store2.taken
+    small.search(queries, 10, subset=subset)
+    assert store2.taken - first >= len(subset) and not small._subset_cache
