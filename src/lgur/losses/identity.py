@@ -1,4 +1,4 @@
-"""Identity (ID) loss with one classifier per prototype part (lgur-reference §2.1, official Id_Loss).
+"""Identity (ID) loss with one classifier per prototype part (docs/reference.md §2.1, official Id_Loss).
 
 L_ID(A, B) = (1/K) sum_k [CE(C_k a_k, y) + CE(C_k b_k, y)], C_k shared by modality and branch, plain
 CE on the un-normalised part vectors. All branches of a step go through the K classifiers in ONE

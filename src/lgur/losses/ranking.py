@@ -1,4 +1,4 @@
-"""Bidirectional ranking (triplet) loss on cosine similarity, vectorised (lgur-reference §2.1).
+"""Bidirectional ranking (triplet) loss on cosine similarity, vectorised (docs/reference.md §2.1).
 
 Official rule (loss/RankingLoss.py of ZhiyinShao-H/LGUR @ c203cc7), per direction, for a B x B
 similarity S whose rows are images (or the first argument of the pair) and columns texts:
@@ -44,7 +44,7 @@ TEXT_HINGES = ("official", "paper")
 
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(..., B, D) x (..., B, D) -> (..., B, B). Training-time cosine: divides by the norm WITHOUT the
-    +1e-8 of the test-time embedding (official, lgur-reference §9.5)."""
+    +1e-8 of the test-time embedding (official, docs/reference.md §9.5)."""
     a = a / a.norm(dim=-1, keepdim=True)
     b = b / b.norm(dim=-1, keepdim=True)
     return a @ b.transpose(-1, -2)

@@ -1,8 +1,8 @@
 """LGUR models: backbones, the paper's heads (DGA, PGU), the assembled model and the official converter.
 
     from lgur.models import build_model
-    model = build_model(cfg, num_classes)          # LGUR or Baseline (cfg.model.name); num_classes=0 -> no ID classifiers
-    model.parts                                    # its modules, training branches and loss terms (lgur.models.parts)
+    model = build_model(cfg, num_classes)  # LGUR or Baseline (cfg.model.name); num_classes=0: no ID classifiers
+    model.parts                            # its modules, training branches and loss terms (lgur.models.parts)
 
 Names resolve lazily so `import lgur.models.cli` (the `lgur` command) does not import torch/timm.
 """

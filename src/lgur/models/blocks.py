@@ -1,4 +1,4 @@
-"""The residual cross-attention block used by every LGUR head (lgur-reference §1.4).
+"""The residual cross-attention block used by every LGUR head (docs/reference.md §1.4).
 
 One layer = cross-attention sub-layer + FFN sub-layer, both pre-norm with residuals:
 

@@ -1,4 +1,4 @@
-"""Dictionary-based Granularity Alignment (DGA, lgur-reference §1.5).
+"""Dictionary-based Granularity Alignment (DGA, docs/reference.md §1.5).
 
     M    = sigmoid(Linear_d->1(V))              ForegroundGate (FCR): one scalar per patch, unsupervised
     V_re = R(q=V, kv=D) * M                     SharedDictionary (MSD) reconstruction of the image

@@ -53,7 +53,8 @@ class Module:
 
 # Every module a model of this package may build, in `lgur info` order (paper order).
 IMAGE_BACKBONE = Module("image_backbone", "image backbone", ("image",), "lr_backbone")  # incl. its width Linear
-TEXT_BACKBONE = Module("text_backbone", "text backbone (BERT)", ("text.backbone",), "lr_backbone")  # trainable only with model.freeze_text=false
+# the text backbone reaches the optimiser only with model.freeze_text=false
+TEXT_BACKBONE = Module("text_backbone", "text backbone (BERT)", ("text.backbone",), "lr_backbone")
 BILSTM = Module("bilstm", "BiLSTM", ("text.lstm",), "lr")
 TEXT_PROJECTION = Module("text_projection", "text projection (no BiLSTM)", ("text.proj",), "lr")  # model.lstm=false
 R = Module("R", "R (DGA reconstruction block)", ("dga.recon",), "lr_heads")

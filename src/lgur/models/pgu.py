@@ -1,4 +1,4 @@
-"""Prototype-based Granularity Unification (PGU, lgur-reference §1.6) and the per-part heads.
+"""Prototype-based Granularity Unification (PGU, docs/reference.md §1.6) and the per-part heads.
 
     H   = Pdec(q = P (K x d), kv = F [, text key mask])      PrototypeDecoder, shared by all branches
     f_k = W_k h_k  (d -> embed_dim, no bias)                  PartProjection, all K parts in one einsum

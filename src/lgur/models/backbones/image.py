@@ -152,7 +152,7 @@ def convert_deit_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, sourc
 
     Distilled or not is decided from the contents (a `dist_token` key, or a position table whose
     length is a square grid + 2), never from the file name (the official loader tests the path
-    string, lgur-reference.md §6.2.15). The distillation token, the heads, the final norm and blocks
+    string, docs/reference.md §6.2.15). The distillation token, the heads, the final norm and blocks
     we do not build are dropped; the distillation position row is dropped and the patch grid is
     resized bilinearly (align_corners False, no antialias: the official `F.interpolate` call).
     Returns (state dict for `model`, ignored keys).

@@ -4,7 +4,7 @@ input_ids/attention_mask (B,L) -> T (B, L_max, dim), L_max = the batch's longest
 
 - BERT runs only on the real tokens: ids and mask are cut to the longest caption before BERT (with the
   attention mask this changes no number; the official code runs all 100 positions and lets the packed
-  LSTM trim afterwards, lgur-reference.md §9.7).
+  LSTM trim afterwards, docs/reference.md §9.7).
 - Frozen (official): requires_grad False and the forward under no_grad. Official quirk kept by default
   (`model.text_dropout_in_train`): BERT follows the model's train()/eval(), so its dropout 0.1 is
   active in training; with the key false BERT stays in eval mode.

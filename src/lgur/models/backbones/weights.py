@@ -1,13 +1,14 @@
 """Reading pretrained weight files safely and loading them with a loud, readable report.
 
 The official LGUR code wraps every copy in a bare `except`, so a wrong file silently leaves random
-weights (lgur-reference.md §9.8). Here every file goes through `load_checked`: it logs what was
+weights (docs/reference.md §9.8). Here every file goes through `load_checked`: it logs what was
 loaded, ignored and missing, and raises WeightsError on a missing key the model uses or on a shape
 mismatch, naming the file.
 """
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -90,8 +91,6 @@ def warn_random_init_on_use(module: nn.Module, message: str) -> None:
     """Warn (warnings + log) that `module` runs from random init, at its first forward call, unless a
     load_state_dict that fills all its tensors comes first: `build_model(cfg, n)` followed by loading a
     checkpoint warns nothing, training from scratch warns once. Both hooks go away after either event."""
-    import warnings
-
     own = list(module.state_dict())
     handles = []
 
