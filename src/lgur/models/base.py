@@ -67,6 +67,9 @@ class RetrievalModel(nn.Module):
             raise ConfigError(f"model.name={mcfg.name!r}: {type(self).__name__} is the model named "
                               f"{self.name!r} (lgur.models.build_model picks the class by name)")
         self.parts: ModelParts = self.describe(mcfg, classifiers=num_classes > 0)
+        # what `heads` computes, read off the description once (plain tuples: nothing to trace per step)
+        self._plan = (self.parts.branch_keys("image", computed=True), self.parts.branch_keys("text", computed=True),
+                      tuple((b.key, b.same_as) for b in self.parts.branches if b.same_as is not None))
         self.image, self.text = image, text
         self.max_caption_tokens = max_caption_tokens
         self.use_msd = self.use_cmg = self.use_fcr = False
@@ -144,16 +147,16 @@ class RetrievalModel(nn.Module):
     def heads(self, V: torch.Tensor, T: torch.Tensor, text_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The training branches of `self.parts` from backbone tokens V (B, P, d), T (B, L, d), text_mask
         (B, L): same-modality branches through PGU as one batch, then the declared aliases."""
+        image_keys, text_keys, aliases = self._plan
         V_re, M = self._image_retrieval_tokens(V)
         tokens = {"V_re": V_re, "T_re": self._text_retrieval_tokens(T), "V": V, "T": T}
-        if GUIDED in self.parts.branch_keys(computed=True):
+        if GUIDED in image_keys:
             tokens[GUIDED] = self._guided_tokens(V, T, text_mask, M)
-        images = {k: tokens[k] for k in self.parts.branch_keys("image", computed=True)}
-        texts = {k: tokens[k] for k in self.parts.branch_keys("text", computed=True)}
+        images = {k: tokens[k] for k in image_keys}
+        texts = {k: tokens[k] for k in text_keys}
         out = {**self._branches(images, None, text=False), **self._branches(texts, text_mask, text=True)}
-        for b in self.parts.branches:
-            if b.same_as is not None:
-                out[b.key] = out[b.same_as]
+        for key, same_as in aliases:
+            out[key] = out[same_as]
         return out
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
