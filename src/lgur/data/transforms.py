@@ -17,13 +17,13 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
+from lgur.errors import ConfigError
+
 INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
                  "nearest": InterpolationMode.NEAREST}
 
 
 def _interp(name: str) -> InterpolationMode:
-    from lgur.errors import ConfigError
-
     if name not in INTERPOLATION:
         raise ConfigError(f"data.interpolation: unknown filter '{name}' (known: {', '.join(INTERPOLATION)})")
     return INTERPOLATION[name]

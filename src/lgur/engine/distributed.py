@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main as torchrun
 
 from lgur.errors import ConfigError
 from lgur.runtime import resolve_device
@@ -97,9 +99,6 @@ def teardown(env: DistEnv) -> None:
 
 def relaunch(nproc: int, argv: list[str]) -> int:
     """`lgur train --nproc N ...`: run `python -m lgur train ...` under torch.distributed.run."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
-
     if nproc < 2:
         raise ConfigError(f"--nproc must be at least 2, got {nproc}")
     try:

@@ -10,6 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+
 log = logging.getLogger("lgur.engine")
 
 
@@ -38,8 +40,6 @@ class Monitor:
         self.run_dir = run_dir
         self.writer = None
         if run_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(str(run_dir / "tb"))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -67,7 +67,7 @@ class Monitor:
         """curves.png: training losses, learning rate and the evaluation metrics per epoch."""
         if self.run_dir is None or not (self.run_dir / "metrics.csv").is_file():
             return None
-        import matplotlib
+        import matplotlib  # here, not at the top: choosing the Agg backend must not happen on import
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lgur.checkpoint import atomic_write, save_model
+from lgur.checkpoint import atomic_write, read_metadata, save_model
 from lgur.errors import ConfigError, WeightsError
 from lgur.files import read_torch
 
@@ -75,8 +75,6 @@ STATE_KEYS = ("epoch", "step_in_epoch", "step", "optimizer", "scheduler", "scale
 def load_state(run_dir: Path, tag: str = "last") -> tuple[dict, Path]:
     """The training state and the path of its weights; refuses a corrupt state file and a pair from two
     different saves with a readable error."""
-    from lgur.checkpoint import read_metadata
-
     state_path, weights = run_dir / f"{tag}{STATE_SUFFIX}", run_dir / f"{tag}.safetensors"
     if not state_path.is_file() or not weights.is_file():
         raise ConfigError(f"{run_dir}: no {tag} checkpoint to resume from ({weights.name} + {state_path.name})")

@@ -18,7 +18,9 @@ import logging
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from lgur.engine.precision import autocast
 from lgur.errors import ConfigError
 
 log = logging.getLogger("lgur.engine")
@@ -44,10 +46,6 @@ class TextHiddenCache:
 
     def __init__(self, text_encoder, tokens, device: torch.device, dtype: torch.dtype | None = None,
                  batch_size: int = 128, progress: bool = True):
-        from tqdm import tqdm
-
-        from lgur.engine.precision import autocast
-
         check_cacheable(text_encoder)
         n = len(tokens)
         row_of, firsts, seen = np.empty(n, dtype=np.int64), [], {}

@@ -19,8 +19,11 @@ import json
 import warnings
 from pathlib import Path
 
+import onnxruntime as ort
 import torch
 from torch import nn
+
+from lgur.checkpoint import load_model
 
 TEXT_EXAMPLES = ["a man", "a woman wearing a red dress and white shoes",
                  "a young man with short black hair, a grey hooded jacket, blue jeans, black sneakers and a large "
@@ -89,10 +92,6 @@ def _max_diff(a: torch.Tensor, b) -> float:
 def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17) -> str:
     """Export both encoders to `out`, then check them with onnxruntime at batch/length sizes other than
     the traced ones. Returns a report with the parity errors (max abs difference of the embeddings)."""
-    import onnxruntime as ort
-
-    from lgur.checkpoint import load_model
-
     model, cfg, meta = load_model(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

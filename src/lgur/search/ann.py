@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lgur.errors import SearchError
+from lgur.config import defaults
+from lgur.errors import LgurError, SearchError
 from lgur.search.topk import ExactSearch, Shards, rescore
 
 ANN_KINDS = ("ivfpq", "hnsw")
@@ -38,13 +39,11 @@ def faiss_or_none():
     slower (unless OMP_WAIT_POLICY=PASSIVE was set before the process started; figures in the README).
     """
     try:
-        import faiss
+        import faiss  # optional (pip install faiss-cpu): exact search works without it
     except ImportError:
         return None
     global _FAISS_THREADS_SET
     if not _FAISS_THREADS_SET:
-        from lgur.config import defaults
-
         threads = int(defaults().search.faiss_threads)
         if threads > 0:
             faiss.omp_set_num_threads(threads)
@@ -53,8 +52,6 @@ def faiss_or_none():
 
 
 def require_faiss():
-    from lgur.errors import LgurError
-
     faiss = faiss_or_none()
     if faiss is None:
         raise LgurError("an ANN index needs faiss: pip install faiss-cpu (exact search works without it)")

@@ -24,9 +24,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from lgur.checkpoint import load_model
+from lgur.config import defaults
+from lgur.data.datasets import ImageFolderSet
+from lgur.data.images import verify_image
+from lgur.data.transforms import build_test_transform
+from lgur.engine.distributed import init_distributed, teardown
+from lgur.search import index as index_mod
+from lgur.search.ann import attach_reduction
 from lgur.search.index import (BASE_COLUMNS, SHARD_ROWS, STORE_DTYPES, BuildReport, GalleryIndex, IndexWriter, Rows,
-                               MetadataSource, SearchError, _metadata_columns, _previous, _stat, column_array)
+                               MetadataSource, SearchError, _kind_of, _metadata_columns, _previous, _stat,
+                               column_array)
 from lgur.search.paths import split_gallery
 from lgur.search.topk import Shards
 
@@ -36,8 +46,6 @@ MERGE_BLOCK = 65536  # rows gathered per write while merging
 def _broadcast(obj, env):
     if not env.distributed:
         return obj
-    import torch.distributed as dist
-
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -47,8 +55,6 @@ def _all_ok(ok: bool, env) -> bool:
     """True when every rank says ok (a rank that failed in Python still reaches this and says so)."""
     if not env.distributed:
         return ok
-    import torch.distributed as dist
-
     flag = torch.tensor([0 if ok else 1])
     dist.all_reduce(flag)
     return int(flag) == 0
@@ -59,16 +65,12 @@ def build(checkpoint, images, out, dtype="fp16", batch_size=64, num_workers=2, d
           follow_symlinks=False, explain_maps=True) -> tuple[GalleryIndex | None, BuildReport]:
     """See build_index below. Under torchrun every rank calls this; rank 0 returns the index,
     the others (None, their report)."""
-    from lgur.engine.distributed import init_distributed, teardown
-
     env = init_distributed(device or "auto")
     try:
         result = _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pca, search_cfg,
                         progress, metadata, follow_symlinks, explain_maps)
     except BaseException:
         if env.distributed:  # a peer may be gone: no barrier, just leave the group
-            import torch.distributed as dist
-
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
         raise
@@ -78,12 +80,6 @@ def build(checkpoint, images, out, dtype="fp16", batch_size=64, num_workers=2, d
 
 def _build(env, checkpoint, images, out, dtype, batch_size, num_workers, ann, pca, search_cfg, progress, metadata,
            follow_symlinks=False, explain_maps=True):
-    from lgur.checkpoint import load_model
-    from lgur.config import defaults
-    from lgur.data import ImageFolderSet, build_test_transform
-    from lgur.data.images import verify_image
-    from lgur.search import index as index_mod
-
     t0 = time.perf_counter()
     if dtype not in STORE_DTYPES:
         raise SearchError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
@@ -172,8 +168,6 @@ def _plan(out, fingerprint, root, dtype, dataset, rel, report):
 def _merge(writer, old, rel, reuse, dataset, data, world, dtype, fingerprint, checkpoint, root, cfg, report, ann,
            pca, scfg, metadata, verify_image, explain_maps=True):
     """Rank 0: reused rows + every rank's part, in path order, into the new version's shards; commit."""
-    from lgur.search.ann import attach_reduction
-
     part_rows: dict[int, tuple[int, int]] = {}  # dataset position -> (part, row in part)
     parts = []
     for r in range(world):
@@ -215,8 +209,6 @@ def _merge(writer, old, rel, reuse, dataset, data, world, dtype, fingerprint, ch
             "mtime_ns": column_array([s[1] for s in stats], "int")}
     kinds = dict(BASE_COLUMNS)
     old_kinds = old.files.metadata_columns if old is not None else {}
-    from lgur.search.index import _kind_of
-
     for name, values in meta.items():
         kinds[name] = _kind_of(values) if name not in old_kinds or _kind_of(values) == "str" else old_kinds[name]
         if kinds[name] == "int" and old_kinds.get(name) == "float":

@@ -15,16 +15,23 @@ and they are read from the index like the embeddings; only rows without stored m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+import html
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Sequence
 
+import matplotlib  # colour maps only (no pyplot, no backend choice)
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
+from lgur.checkpoint import read_metadata
 from lgur.data.images import DECODE_ERRORS
+from lgur.data.transforms import build_test_transform
 from lgur.models.explain import image_evidence, limitations, part_contributions, text_evidence, unpack_maps
 from lgur.search.paths import OutsideGallery, load_gallery_image
+from lgur.search.topk import torch_threads
 
 # one colour per prototype part (tab10's first colours), used by the sheets and the web page alike
 PART_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -88,9 +95,6 @@ class QueryExplanation:
 def _image_batch(searcher, ids: Sequence[int], load=None) -> tuple[torch.Tensor, list[bool]]:
     """The hits' crops through the model's test transform (a blank image where a file cannot be read).
     load(id) -> PIL image (default: the index's file; the server passes one that stays inside the gallery)."""
-    from lgur.checkpoint import read_metadata
-    from lgur.data import build_test_transform
-
     cfg = read_metadata(searcher.checkpoint)["config"]
     transform = build_test_transform(cfg.data.image_size, searcher.model.image_mean, searcher.model.image_std,
                                      cfg.data.interpolation)
@@ -176,10 +180,6 @@ def explain_result(searcher, result, load=None) -> QueryExplanation:
 def _model_turn(searcher):
     """The searcher's model lock (recording attention sets state on shared modules: no other forward may run
     meanwhile, e.g. a search from another server thread) and its single-query thread count."""
-    import contextlib
-
-    from lgur.search.topk import torch_threads
-
     stack = contextlib.ExitStack()
     lock = getattr(searcher, "_lock", None)
     if lock is not None:
@@ -192,8 +192,6 @@ def _model_turn(searcher):
 
 def write_result_explanation(searcher, result, out, k: int = 3) -> "Path":
     """One PNG explaining a QueryResult's top `k` hits (what `lgur demo` writes as demo_out/explain.png)."""
-    from dataclasses import replace
-
     top = replace(result, hits=result.hits[:k])
     ex = explain_result(searcher, top)
     crops = []
@@ -209,8 +207,6 @@ def write_result_explanation(searcher, result, out, k: int = 3) -> "Path":
 def overlay(image: Image.Image, grid_map: np.ndarray, color: str | None = None, alpha: float = 0.55) -> Image.Image:
     """The crop with `grid_map` (h, w) drawn over it at the crop's own size: bilinear upsampling, scaled to its
     maximum; a heat colour map, or shades of `color` (hex) when given."""
-    import matplotlib
-
     m = np.asarray(grid_map, dtype=np.float32)
     m = m / m.max() if m.max() > 0 else m
     heat = Image.fromarray((m * 255).astype(np.uint8), "L").resize(image.size, Image.Resampling.BILINEAR)
@@ -242,8 +238,6 @@ def hit_panels(crop: Image.Image, hit: HitExplanation) -> list[tuple[str, Image.
 
 def words_html(ex: QueryExplanation) -> str:
     """The query with each word coloured by the part that attends to it most."""
-    import html
-
     out = []
     for w, k in zip(ex.words, ex.word_part):
         style = f" style='color:{part_color(k)};font-weight:600' title='part {k}'" if k is not None else ""
@@ -261,8 +255,6 @@ def write_explanation_png(ex: QueryExplanation, crops: Sequence[Image.Image], ou
                           labels: Sequence[str] | None = None) -> "Path":
     """One picture for a query: its words coloured by part, then per hit its panels (crop, foreground,
     strongest part) and its parts ranked by contribution."""
-    from pathlib import Path
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     explanation_image(ex, crops, height, labels).save(out)
@@ -272,8 +264,6 @@ def write_explanation_png(ex: QueryExplanation, crops: Sequence[Image.Image], ou
 def explanation_image(ex: QueryExplanation, crops: Sequence[Image.Image], height: int = 192,
                       labels: Sequence[str] | None = None, borders: Sequence[str | None] | None = None) -> Image.Image:
     """The picture write_explanation_png saves (borders: an optional outline colour per hit, e.g. correct/wrong)."""
-    from PIL import ImageDraw, ImageFont
-
     font = ImageFont.load_default(size=14)
     small = ImageFont.load_default(size=12)
     resized = [c.convert("RGB").resize((max(1, round(c.width * height / c.height)), height)) for c in crops]

@@ -36,6 +36,7 @@ is resident; embeddings and columns are memory-mapped (the page cache holds what
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import math
@@ -45,14 +46,20 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
+from lgur.data.datasets import Collate
 from lgur.errors import SearchError  # also re-exported from here (it lived here)
+from lgur.models.explain import image_evidence, maps_layout, pack_maps
 from lgur.runtime import autocast
+from lgur.search import ann as ann_mod  # called as ann_mod.faiss_or_none(): tests replace it to act faiss-less
 from lgur.search.paths import manifest_paths_problems
 from lgur.search.topk import Shards
 
@@ -203,8 +210,6 @@ class PathPattern:
 def parse_time(value) -> float:
     """A timestamp -> Unix seconds (float): a number, ISO 8601 ('2026-11-28T14:00', '2026-11-28 14:00:05+01:00'),
     or compact 'YYYYmmddTHHMMSS' / 'YYYYmmddHHMMSS'. Naive times are UTC."""
-    from datetime import datetime, timezone
-
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     s = str(value).strip()
@@ -231,8 +236,6 @@ def read_sidecar(path: str | Path) -> dict[str, dict]:
     """Metadata per relative path from a CSV (header row; a `path` column, any others) or a JSON file
     ({"rel/path.jpg": {"camera": 3, ...}, ...} or [{"path": ..., ...}, ...]). A `time` field is parsed as a
     timestamp (see parse_time); numeric CSV cells become numbers."""
-    import csv
-
     path = Path(path)
     if not path.is_file():
         raise SearchError(f"--meta: file not found: {path}")
@@ -414,9 +417,7 @@ class GalleryIndex:
             reduced = torch.from_numpy(_open_array(data / "reduced.npy", (n, r), np.float16, "PCA-reduced rows"))
         ann = None
         if with_ann and manifest.get("ann"):
-            from lgur.search.ann import faiss_or_none
-
-            faiss = faiss_or_none()
+            faiss = ann_mod.faiss_or_none()
             if faiss is not None:
                 try:
                     ann = faiss.read_index(str(data / "ann.faiss"))
@@ -519,7 +520,7 @@ class IndexWriter:
         self.committed = False
 
     def __enter__(self) -> "IndexWriter":
-        import fcntl
+        import fcntl  # POSIX only: imported where the lock is taken, so reading an index works everywhere
 
         path = self.path
         if path.exists() and not path.is_dir():
@@ -634,9 +635,7 @@ class IndexWriter:
         self.columns = dict(rows.kinds)
 
     def write_faiss(self, index) -> None:
-        from lgur.search.ann import require_faiss
-
-        require_faiss().write_index(index, str(self.data / "ann.faiss"))
+        ann_mod.require_faiss().write_index(index, str(self.data / "ann.faiss"))
 
     def commit(self, manifest: dict) -> dict:
         """Make this version current: one atomic replace of manifest.json. Returns the manifest written."""
@@ -730,13 +729,6 @@ def encode_files(model, dataset, positions: list[int], batch_size: int, num_work
     With `maps_out` (a dict), the same forward also records the explanation maps (lgur.models.explain):
     maps_out["maps"] = (n, K + 1, h * w) fp16 rows aligned with the embeddings and maps_out["layout"] = the
     manifest entry; both stay unset for a model without prototype decoder and foreground gate."""
-    from lgur.models.explain import image_evidence, maps_layout, pack_maps
-
-    from torch.utils.data import DataLoader, Subset
-    from tqdm import tqdm
-
-    from lgur.data import Collate
-
     loader = DataLoader(Subset(dataset, positions), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=Collate(pad_id=0), pin_memory=device.type == "cuda")
     embs, done, maps = [], [], []

@@ -19,6 +19,8 @@ import os
 import stat
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from PIL import Image
+
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 _PROC_FD = Path("/proc/self/fd")
 
@@ -111,8 +113,6 @@ def open_gallery_file(root: Path, rel: str, follow_symlinks: bool = False) -> tu
 def load_gallery_image(root: Path, rel: str, follow_symlinks: bool = False):
     """Decode gallery image `rel` as RGB, read through open_gallery_file (never outside `root`). Raises
     OutsideGallery, OSError or a PIL decode error (lgur.data.images.DECODE_ERRORS)."""
-    from PIL import Image
-
     fd, _ = open_gallery_file(root, rel, follow_symlinks)
     with os.fdopen(fd, "rb") as f, Image.open(f) as im:
         return im.convert("RGB")

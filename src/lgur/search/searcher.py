@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from lgur.runtime import resolve_device
+from lgur.search.ann import FaissSearch, TwoStageSearch
+from lgur.search.filters import Filter
 from lgur.search.index import BASE_COLUMNS, GalleryIndex, SearchError
 from lgur.search.paths import load_gallery_image
-from lgur.search.topk import torch_threads
+from lgur.search.topk import ExactSearch, torch_threads
 
 SEARCH_MODES = ("auto", "exact", "ann")
 # ground truth for marking hits: one collection of correct relative paths per query, or a predicate
@@ -95,8 +97,6 @@ def make_engine(index: GalleryIndex, mode: str, scfg, device: torch.device):
     auto: the ANN index when the gallery has >= search.ann_threshold rows and faiss is importable, else the
     PCA-reduced exact scan when the index has a PCA, else exact full-dim search. exact: always full-dim.
     """
-    from lgur.search.ann import FaissSearch, TwoStageSearch
-    from lgur.search.topk import ExactSearch
 
     if mode not in SEARCH_MODES:
         raise SearchError(f"search mode must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
@@ -228,8 +228,6 @@ class Searcher:
     def select(self, where=None, after=None, before=None) -> np.ndarray | None:
         """Row ids passing a metadata filter (see lgur.search.filters), cached for the last few filters;
         None = every row."""
-        from lgur.search.filters import Filter
-
         flt = where if isinstance(where, Filter) else Filter.parse(where, after, before)
         if not flt:
             return None

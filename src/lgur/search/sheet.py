@@ -21,6 +21,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from lgur.data.images import DECODE_ERRORS, load_rgb
+from lgur.search.explain import explanation_image, hit_panels, part_color, words_html
 from lgur.search.paths import OutsideGallery
 from lgur.search.searcher import Hit, QueryResult, fmt_time
 
@@ -181,8 +182,6 @@ def write_explained_html(results: Sequence[QueryResult], explanations: Sequence,
     """Per query: its words coloured by the prototype part that attends to them most; per hit the crop, the
     foreground map and the attention map of its strongest part (each at the crop's size), then the parts ranked
     by their share of the score with each part's top words. Self-contained (images embedded)."""
-    from lgur.search.explain import hit_panels, part_color, words_html
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
@@ -221,8 +220,6 @@ def _jpeg(im: Image.Image) -> str:
 def write_explained_png(results: Sequence[QueryResult], explanations: Sequence, out: str | Path,
                         height: int = 200) -> Path:
     """The explained sheet as one PNG: per query lgur.search.explain.explanation_image, stacked."""
-    from lgur.search.explain import explanation_image
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     images = [explanation_image(ex, [_crop(h) for h in r.hits], height, [f"#{h.rank}" for h in r.hits],
