@@ -16,7 +16,7 @@ from lgur.models import build_model
 from lgur.models.backbones import IMAGE_BACKBONES, TEXT_BACKBONES
 from lgur.models.base import MODELS
 from lgur.models.baseline import Baseline
-from lgur.models.build import model_parts
+from lgur.models.variants import model_parts
 from lgur.models.convert import map_official_state
 from lgur.models.info import parameter_counts
 from lgur.models.lgur import LGUR

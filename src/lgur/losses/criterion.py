@@ -18,7 +18,7 @@ import torch
 from lgur.errors import ConfigError
 from lgur.losses.identity import part_id_losses
 from lgur.losses.ranking import NEGATIVES, REDUCTIONS, TEXT_HINGES, cosine_similarity, ranking_loss
-from lgur.models.build import model_parts
+from lgur.models.variants import model_parts
 from lgur.models.parts import ModelParts, Term
 
 __all__ = ["LGURCriterion", "Term", "build_criterion", "loss_terms"]

@@ -12,4 +12,4 @@ from lgur._lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "LGUR": "lgur", "Baseline": "baseline", "MODELS": "base", "RetrievalModel": "base", "ModelParts": "parts",
-    "build_model": "build", "model_parts": "build", "retrieval_embedding": "base"})
+    "build_model": "build", "model_parts": "variants", "retrieval_embedding": "base"})

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lgur.errors import ConfigError
-from lgur.models.backbones.text import host_lengths
+from lgur.models.lengths import host_lengths
 from lgur.models.parts import ModelParts
 from lgur.models.pgu import PartClassifier
 from lgur.models.registry import Registry

@@ -4,21 +4,14 @@
     model = build_model(cfg, num_classes)          # cfg.model.name picks the class in MODELS
     model_parts(cfg.model)                         # what that model is made of, without building it
 
-The registered classes: lgur.models.lgur.LGUR ("lgur") and lgur.models.baseline.Baseline ("baseline");
-backbones come from their own registries (lgur.models.backbones).
+The registered classes (lgur.models.variants): lgur.models.lgur.LGUR ("lgur") and
+lgur.models.baseline.Baseline ("baseline"); backbones come from their own registries (lgur.models.backbones).
 """
 from __future__ import annotations
 
 from lgur.models.backbones import build_image_backbone, build_text_encoder
 from lgur.models.base import MODELS, RetrievalModel, check_model_config
-from lgur.models.lgur import LGUR  # noqa: F401, I001  (registers "lgur", the default: listed first)
-from lgur.models.baseline import Baseline  # noqa: F401  (registers "baseline")
-from lgur.models.parts import ModelParts
-
-
-def model_parts(mcfg, classifiers: bool = True) -> ModelParts:
-    """The modules, branches and loss terms of the model cfg.model describes (lgur.models.parts)."""
-    return MODELS.get(mcfg.name).describe(mcfg, classifiers)
+from lgur.models.variants import model_parts  # noqa: F401  (re-exported; registers every model class)
 
 
 def build_model(cfg, num_classes: int, pretrained: bool = True) -> RetrievalModel:

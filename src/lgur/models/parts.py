@@ -1,7 +1,7 @@
 """What a model is made of, declared once: its modules, its training branches and the loss terms.
 
 A model class describes itself for a config (`LGUR.describe(mcfg)`, `Baseline.describe(mcfg)`; by
-name: `lgur.models.build.model_parts(mcfg)`) as a `ModelParts`:
+name: `lgur.models.variants.model_parts(mcfg)`) as a `ModelParts`:
 
     modules   the paper modules it builds: parameter-name paths, the `lgur info` label and the
               optimiser's learning-rate key (`optim.lr_backbone`, `optim.lr_heads`, `optim.lr`)

@@ -29,6 +29,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from lgur.data.tokenizer import load_tokenizer, minilm_path  # noqa: F401  (re-exported)
 from lgur.errors import WeightsError
 from lgur.models.backbones.weights import warn_random_init_on_use
+from lgur.models.lengths import host_lengths
 from lgur.models.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -94,18 +95,6 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
-
-
-def host_lengths(attention_mask: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Caption lengths as a CPU int64 tensor: the given ones (which must already live on the CPU: moving
-    them there would be a hidden sync), else attention_mask.sum(1) (a sync when the mask is on a GPU)."""
-    if lengths is None:
-        return attention_mask.sum(1).cpu()
-    if lengths.device.type != "cpu":
-        raise ValueError(f"caption lengths must be a CPU tensor (the batch's `lengths`), got {lengths.device}")
-    if lengths.shape != attention_mask.shape[:1]:
-        raise ValueError(f"lengths {tuple(lengths.shape)} do not match the batch of {attention_mask.shape[0]} captions")
-    return lengths.long()
 
 
 class TextEncoder(nn.Module):
