@@ -10,7 +10,9 @@ model would rank with incompatible embeddings, so that is refused, not warned ab
 """
 from __future__ import annotations
 
+import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Collection, Sequence
@@ -162,6 +164,39 @@ class FilterRouter:
         return self.engine.search(queries, k, **({} if subset is None else {"subset": subset}))
 
 
+class ModelTurns:
+    """Who may run the model now. Searches hold one of `n` slots, so up to `n` run at once (the server's
+    parallel workers, each on its own threads; an inference forward keeps no state between calls);
+    `with turns:` (an explanation: recording attention sets state on shared modules) waits for every slot and
+    runs alone."""
+
+    def __init__(self, n: int = 1):
+        self.n = max(1, int(n))
+        self._slots = threading.Semaphore(self.n)
+        self._exclusive = threading.Lock()  # one exclusive taker at a time, so two never hold half the slots each
+
+    @contextmanager
+    def shared(self):
+        with self._slots:
+            yield
+
+    def __enter__(self):
+        self._exclusive.acquire()
+        for _ in range(self.n):
+            self._slots.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _ in range(self.n):
+            self._slots.release()
+        self._exclusive.release()
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class Searcher:
     """Loads an index and its model once; `search(texts, k)` ranks the gallery for each text."""
 
@@ -192,10 +227,25 @@ class Searcher:
         self._has_meta = bool(self.index.files.metadata_columns)
         self._subsets: dict = {}
         self._cache_lock = threading.Lock()
-        self._lock = threading.Lock()  # the server calls from worker threads; one model forward at a time
+        self._lock = ModelTurns(1)  # the server calls from worker threads; see parallel()
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def parallel(self, workers: int) -> int:
+        """Let up to `workers` searches run at once, each on cores // workers torch threads (process-wide; call
+        before serving, not while searching). 0 = one per CPU core, at most 4; a GPU runs one at a time.
+        Returns the number of workers."""
+        cores = cpu_cores()
+        workers = int(workers)
+        if self.device.type != "cpu":
+            workers = 1
+        elif workers <= 0:
+            workers = min(cores, 4)
+        self._lock = ModelTurns(workers)
+        if self.device.type == "cpu" and workers > 1:
+            torch.set_num_threads(max(1, cores // workers))
+        return workers
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
@@ -268,7 +318,8 @@ class Searcher:
         kw = {} if subset is None else {"subset": subset}
         rows: list = [None] * len(texts)
         n = len(self.index) if subset is None else len(subset)
-        with self._lock, torch_threads(int(self.cfg.single_query_threads) if len(texts) == 1 else 0):
+        one = len(texts) == 1 and self._lock.n == 1  # (parallel workers already run on few threads each)
+        with self._lock.shared(), torch_threads(int(self.cfg.single_query_threads) if one else 0):
             emb = self.encode(texts)
             for kk in sorted(set(ks)):  # one scan per distinct k, so each query ranks exactly as if alone
                 group = [i for i, x in enumerate(ks) if x == kk]

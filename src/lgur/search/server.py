@@ -224,19 +224,21 @@ def _data_url(im) -> str:
 class QueryBatcher:
     """Encodes concurrent queries together (one Searcher.search over a batch, in a worker thread).
 
-    `search(text, k, **options)` queues the query and awaits its result. One worker per event loop drains the
-    queue: it takes the first waiting query, then more until `max_batch` or until `window_s` has passed since
-    the first, searches them together and resolves each request's future; it exits when the queue is empty
+    `search(text, k, **options)` queues the query and awaits its result. Up to `workers` workers per event loop
+    drain the queue (each batch runs in a thread; Searcher.parallel lets that many run at once): a worker takes
+    the first waiting query, then more until `max_batch` or until `window_s` has passed since the first,
+    searches them together and resolves each request's future; it exits when the queue is empty
     (the next request starts it again), so no task outlives the traffic. More than `max_pending` waiting
     queries: 503. Results equal one-at-a-time search: Searcher.search scans each distinct k separately, and
     queries with different `options` (further Searcher.search keyword arguments, e.g. a filter) go to
     separate calls.
     """
 
-    def __init__(self, searcher: Searcher, max_batch: int, window_s: float, max_pending: int):
+    def __init__(self, searcher: Searcher, max_batch: int, window_s: float, max_pending: int, workers: int = 1):
         self.searcher, self.max_batch, self.window_s = searcher, max(1, int(max_batch)), max(0.0, float(window_s))
-        self.max_pending = max(1, int(max_pending))
-        self._loop = self._queue = self._task = None
+        self.max_pending, self.workers = max(1, int(max_pending)), max(1, int(workers))
+        self._loop = self._queue = None
+        self._tasks: list[asyncio.Task] = []
         self.batches: list[int] = []  # sizes of the last batches run (diagnostics, /api/info)
 
     @property
@@ -246,13 +248,14 @@ class QueryBatcher:
     async def search(self, text: str, k: int, **options) -> QueryResult:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # first use on this loop (a test client may run one loop per request)
-            self._loop, self._queue, self._task = loop, asyncio.Queue(), None
+            self._loop, self._queue, self._tasks = loop, asyncio.Queue(), []
         if self._queue.qsize() >= self.max_pending:
             raise RequestError(503, f"server busy: {self._queue.qsize()} queries waiting; retry shortly")
         fut = loop.create_future()
         self._queue.put_nowait((text, k, options, fut))
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._work(self._queue))
+        self._tasks = [t for t in self._tasks if not t.done()]
+        if len(self._tasks) < self.workers:  # another worker, while the running ones are busy with a batch
+            self._tasks.append(loop.create_task(self._work(self._queue)))
         return await fut
 
     async def _work(self, queue: asyncio.Queue) -> None:
@@ -302,7 +305,7 @@ class QueryBatcher:
 
 def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: int | None = None,
                max_body_bytes: int | None = None, batch_max: int | None = None, batch_window_ms: float | None = None,
-               follow_symlinks: bool = False) -> FastAPI:
+               follow_symlinks: bool = False, workers: int | None = None) -> FastAPI:
     """The app around an already-loaded `searcher`; every limit defaults to the search: config section.
 
     follow_symlinks: serve gallery files that are symlinks leading outside the images root (only for an
@@ -316,7 +319,10 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
     batch_window_s = float(pick(batch_window_ms, "serve_batch_window_ms")) / 1e3
     SearchRequest = query_model(max_query_chars, max_k)
     ExplainRequest = explain_model(SearchRequest, max_k)
-    batcher = QueryBatcher(searcher, batch_max, batch_window_s, int(cfg.serve_max_pending)) if batch_max > 1 else None
+    batcher = None
+    if batch_max > 1:
+        workers = searcher.parallel(int(pick(workers, "serve_workers")))
+        batcher = QueryBatcher(searcher, batch_max, batch_window_s, int(cfg.serve_max_pending), workers)
     root = searcher.index.images_root.resolve()
     frames_root = root.parent / "frames"  # video indexes: OUT.media/crops is the images root (lgur.video.ingest)
 
@@ -350,6 +356,7 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
                 "engine": type(searcher.engine).__name__, "max_k": max_k, "max_query_chars": max_query_chars,
                 "video": "frame_image" in searcher.index.files.metadata_columns,
                 "max_body_bytes": max_body_bytes, "batch_max": batch_max,
+                "workers": batcher.workers if batcher is not None else 1,
                 "batch_recent_mean": batcher.recent_mean if batcher is not None else None}
 
     def has_filter(req: BaseModel) -> bool:
