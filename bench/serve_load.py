@@ -7,7 +7,7 @@ Without --index: a random-init model of --recipe (random weights cost the same a
 of a small synthetic gallery are built in a temporary folder. For each setting, `lgur serve` runs in its own
 process on a free loopback port: first `--batch-max 1` (micro-batching disabled: every request encodes its
 query alone, as before), then --batch-max (default search.serve_batch_max) with search.serve_batch_window_ms,
-first with `--workers 1` (one batch at a time, on every thread), then `--workers 0` (one batch per core at
+first with `--batch-workers 1` (one batch at a time, on every thread), then `--batch-workers 0` (one batch per core at
 once, each on one thread).
 Each gets --warmup requests, then --requests POST /api/search (k=10, synthetic captions of varied length)
 from --clients concurrent keep-alive connections (a minimal asyncio HTTP/1.1 client), every response checked (200, k hits).
@@ -189,8 +189,8 @@ def main() -> None:
         print("| setting                        | req/s    | p50 ms   | p99 ms   | max ms   | mean batch | load")
         print("|--------------------------------|----------|----------|----------|----------|------------|-----")
         base = run("batching off (max 1)", index, checkpoint, 1, texts, args)
-        new = run(f"micro-batching (max {after})", index, checkpoint, after, texts, args, ["--workers", "1"])
-        par = run(f"  + a worker per core", index, checkpoint, after, texts, args, ["--workers", "0"])
+        new = run(f"micro-batching (max {after})", index, checkpoint, after, texts, args, ["--batch-workers", "1"])
+        par = run(f"  + a worker per core", index, checkpoint, after, texts, args, ["--batch-workers", "0"])
         print(f"throughput vs batching off: micro-batching {new / base:.2f}x, + a worker per core {par / base:.2f}x")
 
 

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from lgur.search.index import GalleryIndex, SearchError, build_index
@@ -688,3 +689,61 @@ def test_filtered_requests_are_batched_apart_and_answer_like_the_searcher(own_ga
                       ({"after": "not a time"}, "time")):
         r = client.post("/api/search", json={"query": "a man", "k": 3, **bad})
         assert r.status_code == 422 and says in r.json()["error"], (bad, r.text)
+
+
+def test_parallel_workers_run_batches_at_once_with_the_same_answers(built_index):
+    """search.serve_workers: batches run in several threads at once (their intervals overlap), each answer equal
+    to one-at-a-time search; an explanation (exclusive turn) never overlaps a search."""
+    from lgur.search.searcher import ModelTurns
+
+    searcher = Searcher(built_index, device="cpu")
+    alone = {q: [h.id for h in searcher.search([q], 5)[0].hits] for q in QUERIES}
+    threads = torch.get_num_threads()
+    try:
+        assert searcher.parallel(2) == 2 and torch.get_num_threads() == max(1, threads // 2)
+        spans, real = [], searcher.search
+
+        def timed(texts, k, **kw):  # the real search, with its start/end recorded and a little held
+            t0 = time.perf_counter()
+            out = real(texts, k, **kw)
+            time.sleep(0.2)
+            spans.append((t0, time.perf_counter(), threading.get_ident()))
+            return out
+
+        searcher.search = timed
+        batcher = QueryBatcher(searcher, max_batch=4, window_s=0.0, max_pending=100, workers=2)
+
+        async def many():
+            return await asyncio.gather(*(batcher.search(q, 5) for q in QUERIES))
+
+        results = asyncio.run(many())
+    finally:
+        torch.set_num_threads(threads)
+    assert [[h.id for h in r.hits] for r in results] == [alone[q] for q in QUERIES]
+    assert len(spans) >= 2 and len({s[2] for s in spans}) >= 2
+    assert any(a[0] < b[1] and b[0] < a[1] for a in spans for b in spans if a is not b)  # two ran at once
+
+    turns, log = ModelTurns(2), []
+
+    def shared(name):
+        with turns.shared():
+            log.append(("in", name))
+            time.sleep(0.1)
+            log.append(("out", name))
+
+    def exclusive():
+        with turns:
+            log.append(("in", "x"))
+            time.sleep(0.1)
+            log.append(("out", "x"))
+
+    ts = [threading.Thread(target=shared, args=("a",)), threading.Thread(target=exclusive),
+          threading.Thread(target=shared, args=("b",))]
+    for t in ts:
+        t.start()
+        time.sleep(0.02)
+    for t in ts:
+        t.join(10)
+    i = log.index(("in", "x"))
+    assert log[i + 1] == ("out", "x")  # nothing entered while the exclusive turn ran
+    assert sum(1 for e in log[:i] if e[0] == "in") == sum(1 for e in log[:i] if e[0] == "out")  # all left first

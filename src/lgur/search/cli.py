@@ -139,7 +139,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--device", help="cpu | cuda (default: cuda if available)")
     v.add_argument("--images", help="gallery folder (default: the images root recorded in the index); "
                                     "no file outside it is ever served")
-    v.add_argument("--workers", type=int, help="micro-batches searched at once on the CPU, each on cores/workers "
+    v.add_argument("--batch-workers", type=int, help="micro-batches searched at once on the CPU, each on cores/workers "
                                                "threads; 0 = one per core, at most 4 (default: search.serve_workers)")
     v.add_argument("--max-body-bytes", type=int, help="largest request body (default: search.max_body_bytes)")
     v.add_argument("--batch-max", type=int, help="concurrent queries encoded together at most; 1 disables "
@@ -308,8 +308,8 @@ def serve_cmd(args: argparse.Namespace) -> int:
     for name in ("max_body_bytes", "batch_max"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise LgurError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.workers is not None and not 0 <= args.workers <= 64:
-        raise LgurError(f"--workers must be within 0..64, got {args.workers}")
+    if args.batch_workers is not None and not 0 <= args.batch_workers <= 64:
+        raise LgurError(f"--batch-workers must be within 0..64, got {args.batch_workers}")
     if args.batch_window_ms is not None and not 0 <= args.batch_window_ms <= 1000:
         raise LgurError(f"--batch-window-ms must be within 0..1000, got {args.batch_window_ms}")
     cfg = command_config(args, "serve")
@@ -318,7 +318,7 @@ def serve_cmd(args: argparse.Namespace) -> int:
                         search_cfg=cfg.search, images_root=args.images)
     print(f"serving {len(searcher)} images on http://{args.host}:{args.port}/")
     serve(searcher, args.host, args.port, max_body_bytes=args.max_body_bytes, batch_max=args.batch_max,
-          batch_window_ms=args.batch_window_ms, follow_symlinks=args.follow_symlinks, workers=args.workers)
+          batch_window_ms=args.batch_window_ms, follow_symlinks=args.follow_symlinks, workers=args.batch_workers)
     return 0
 
 
