@@ -239,6 +239,7 @@ class QueryBatcher:
         self.max_pending, self.workers = max(1, int(max_pending)), max(1, int(workers))
         self._loop = self._queue = None
         self._tasks: list[asyncio.Task] = []
+        self._collecting = 0  # workers gathering a batch now
         self.batches: list[int] = []  # sizes of the last batches run (diagnostics, /api/info)
 
     @property
@@ -248,32 +249,33 @@ class QueryBatcher:
     async def search(self, text: str, k: int, **options) -> QueryResult:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # first use on this loop (a test client may run one loop per request)
-            self._loop, self._queue, self._tasks = loop, asyncio.Queue(), []
+            self._loop, self._queue, self._tasks, self._collecting = loop, asyncio.Queue(), [], 0
         if self._queue.qsize() >= self.max_pending:
             raise RequestError(503, f"server busy: {self._queue.qsize()} queries waiting; retry shortly")
         fut = loop.create_future()
         self._queue.put_nowait((text, k, options, fut))
-        self._tasks = [t for t in self._tasks if not t.done()]
-        if len(self._tasks) < self.workers:  # another worker, while the running ones are busy with a batch
-            self._tasks.append(loop.create_task(self._work(self._queue)))
+        self._spawn(loop)
         return await fut
 
-    async def _work(self, queue: asyncio.Queue) -> None:
+    def _spawn(self, loop) -> None:
+        """Another worker for the waiting queries, only while every running one is busy searching (a worker
+        still collecting a batch takes them) and fewer than `workers` run."""
+        self._tasks = [t for t in self._tasks if not t.done()]
+        if len(self._tasks) < self.workers and not self._collecting and not self._queue.empty():
+            self._collecting += 1  # counted from now, so the next request does not start a worker too
+            self._tasks.append(loop.create_task(self._work(self._queue, counted=True)))
+
+    async def _work(self, queue: asyncio.Queue, counted: bool = False) -> None:
         loop = asyncio.get_running_loop()
         while not queue.empty():
-            batch = [queue.get_nowait()]
-            deadline = loop.time() + self.window_s
-            while len(batch) < self.max_batch:
-                if not queue.empty():
-                    batch.append(queue.get_nowait())
-                    continue
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
+            if not counted:
+                self._collecting += 1
+            counted = False
+            try:
+                batch = await self._collect(queue, loop)
+            finally:
+                self._collecting -= 1
+            self._spawn(loop)  # queries left over for the next batch: another worker may take them meanwhile
             batch = [b for b in batch if not b[3].done()]  # a cancelled request needs no answer
             if batch:
                 self.batches = (self.batches + [len(batch)])[-100:]
@@ -281,6 +283,25 @@ class QueryBatcher:
                 same = [b for b in batch if b[2] == batch[0][2]]
                 batch = [b for b in batch if b[2] != same[0][2]]
                 await self._run_one(same)
+        if counted:  # started for a query another worker took first
+            self._collecting -= 1
+
+    async def _collect(self, queue: asyncio.Queue, loop) -> list:
+        """The first waiting query, then more until max_batch or until window_s has passed since the first."""
+        batch = [queue.get_nowait()]
+        deadline = loop.time() + self.window_s
+        while len(batch) < self.max_batch:
+            if not queue.empty():
+                batch.append(queue.get_nowait())
+                continue
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(queue.get(), left))
+            except asyncio.TimeoutError:
+                break
+        return batch
 
     async def _run_one(self, batch: list) -> None:
         try:
