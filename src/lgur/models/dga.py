@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lgur.models.blocks import CrossAttentionBlock
+from lgur.models.parts import DICTIONARY, GATE, R, lgur_heads
 
 
 class SharedDictionary(nn.Module):
@@ -45,10 +46,11 @@ class DictionaryGranularityAlignment(nn.Module):
     def __init__(self, mcfg):
         super().__init__()
         self.use_msd, self.use_cmg, self.use_fcr = bool(mcfg.use_msd), bool(mcfg.use_cmg), bool(mcfg.use_fcr)
+        heads = lgur_heads(mcfg)  # the switches -> modules decision of the model's parts description
         self.recon = (CrossAttentionBlock(mcfg.dim, mcfg.recon_depth, mcfg.recon_heads, mcfg.recon_head_dim,
-                                          mcfg.recon_ffn) if self.use_msd or self.use_cmg else None)
-        self.dictionary = SharedDictionary(mcfg.dict_size, mcfg.dim) if self.use_msd else None
-        self.gate = ForegroundGate(mcfg.dim) if self.use_fcr else None
+                                          mcfg.recon_ffn) if R.key in heads else None)
+        self.dictionary = SharedDictionary(mcfg.dict_size, mcfg.dim) if DICTIONARY.key in heads else None
+        self.gate = ForegroundGate(mcfg.dim) if GATE.key in heads else None
 
     def foreground(self, V: torch.Tensor) -> torch.Tensor | None:
         """The FCR gate M (B, P, 1), or None when FCR is off."""

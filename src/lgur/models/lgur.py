@@ -9,9 +9,9 @@ Training path (`forward`) returns the four branch part stacks, each (B, K, embed
 
 Test path (`encode_*`) computes only V_re / T_re and returns concat_k(parts) / (norm + 1e-8).
 
-Ablations (model.use_*): `LGUR.describe` decides, for the switches, which modules are built, which
-branches the training forward returns and which loss terms pair them (lgur.models.parts). "V_re"/"T_re"
-always name the *retrieval* branch, i.e. the reconstruction when MSD is on and otherwise the (gated)
+Ablations (model.use_*): `LGUR.describe` decides which modules are built (lgur.models.parts.lgur_heads),
+which branches the training forward returns and which loss terms pair them (lgur.models.parts).
+"V_re"/"T_re" always name the *retrieval* branch, i.e. the reconstruction when MSD is on and otherwise the (gated)
 backbone tokens. The raw branches exist when something distinguishes them from the retrieval branch:
 with CMG the image raw branch is V_g, with MSD but no CMG it is the plain tokens ("V", the official
 `image_DETR(None, V)` path); without MSD the text raw branch "T" is the same tensor as "T_re". Without
@@ -24,8 +24,8 @@ import torch
 
 from lgur.models.base import MODELS, RetrievalModel, masked_mean, retrieval_embedding  # noqa: F401  (re-exported)
 from lgur.models.dga import DictionaryGranularityAlignment
-from lgur.models.parts import (BILSTM, CATALOGUE, CLASSIFIERS, DICTIONARY, GATE, IMAGE_BACKBONE, PDEC, PROJECTIONS,
-                               PROTOTYPES, TEXT_BACKBONE, TEXT_PROJECTION, Branch, ModelParts, R, Term)
+from lgur.models.parts import (BILSTM, CATALOGUE, CLASSIFIERS, GATE, IMAGE_BACKBONE, PDEC, PROJECTIONS, TEXT_BACKBONE,
+                               TEXT_PROJECTION, Branch, ModelParts, R, Term, lgur_heads)
 from lgur.models.pgu import PartProjection, PrototypeDecoder
 
 
@@ -37,10 +37,9 @@ class LGUR(RetrievalModel):
 
     @classmethod
     def describe(cls, mcfg, classifiers: bool = True) -> ModelParts:
-        msd, cmg, fcr, pgu = bool(mcfg.use_msd), bool(mcfg.use_cmg), bool(mcfg.use_fcr), bool(mcfg.use_pgu)
-        built = {IMAGE_BACKBONE, TEXT_BACKBONE, BILSTM if mcfg.lstm else TEXT_PROJECTION, PROJECTIONS}
-        built |= {m for m, on in ((R, msd or cmg), (PDEC, pgu), (DICTIONARY, msd), (PROTOTYPES, pgu),
-                                  (GATE, fcr), (CLASSIFIERS, classifiers)) if on}
+        msd, cmg = bool(mcfg.use_msd), bool(mcfg.use_cmg)
+        built = {m.key for m in (IMAGE_BACKBONE, TEXT_BACKBONE, BILSTM if mcfg.lstm else TEXT_PROJECTION, PROJECTIONS)}
+        built |= lgur_heads(mcfg) | ({CLASSIFIERS.key} if classifiers else set())
         # the raw image branch: text-guided with CMG, the plain tokens with MSD alone, none otherwise
         raw = "V_g" if cmg else "V" if msd else None
         branches = [Branch("V_re", "image")] + ([Branch(raw, "image")] if raw else []) + [Branch("T_re", "text")]
@@ -53,7 +52,7 @@ class LGUR(RetrievalModel):
         if cmg:  # L_G; its text term only when the dictionary makes T_re differ from T
             terms += ([Term("guide_text", "guide", "T", "T_re")] if msd else []) + [
                 Term("guide_image", "guide", "V_g", "V_re")]
-        return ModelParts(cls.name, tuple(m for m in CATALOGUE if m in built), tuple(branches), tuple(terms))
+        return ModelParts(cls.name, tuple(m for m in CATALOGUE if m.key in built), tuple(branches), tuple(terms))
 
     def _build_heads(self, mcfg) -> int:
         parts = self.parts

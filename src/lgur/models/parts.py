@@ -69,6 +69,15 @@ CATALOGUE = (IMAGE_BACKBONE, TEXT_BACKBONE, BILSTM, TEXT_PROJECTION, R, PDEC, PR
 MODULE = {m.key: m for m in CATALOGUE}
 
 
+def lgur_heads(mcfg) -> set[str]:
+    """Keys of the head modules LGUR builds for its ablation switches: R with MSD or CMG (it is shared by
+    both paths), the dictionary D with MSD, the gate M with FCR, Pdec and its prototypes with PGU. Read by
+    LGUR.describe and by the DGA module, which builds its R, D and M from it."""
+    msd, cmg, fcr, pgu = bool(mcfg.use_msd), bool(mcfg.use_cmg), bool(mcfg.use_fcr), bool(mcfg.use_pgu)
+    on = {R.key: msd or cmg, DICTIONARY.key: msd, GATE.key: fcr, PDEC.key: pgu, PROTOTYPES.key: pgu}
+    return {key for key, built in on.items() if built}
+
+
 @dataclass(frozen=True)
 class Branch:
     """A (B, K, embed_dim) part stack of the training forward."""
