@@ -5,13 +5,9 @@
     tokenizer/           the HF tokenizer (same ids as training), export.json: image size, mean/std, fingerprint
 
 Batch (and L for text) are dynamic. The training text path packs the BiLSTM input by caption length
-(`pack_padded_sequence`, data-dependent, not exportable) and trims to the batch's longest caption. The export
-path (`ExportableText`) computes the same numbers with static-shape ops: BERT over the full padded length
-(the attention mask already hides padding), the forward LSTM direction on the padded sequence (padding comes
-after the caption, so it cannot affect real steps), and the backward direction on each caption reversed
-*within its own length* (a gather), reversed back; padded steps are zeroed exactly as the packed LSTM leaves
-them, and PGU masks them as keys. tests/test_search_export.py checks the identity in PyTorch and the ONNX
-parity.
+(`pack_padded_sequence`, data-dependent, not exportable); export traces the model's own static-shape text
+path instead (`TextEncoder.forward_static`, the same numbers). tests/test_search_export.py checks the
+identity in PyTorch and the ONNX parity.
 """
 from __future__ import annotations
 
@@ -39,41 +35,16 @@ class ExportableImage(nn.Module):
         return self.model.encode_images(images)
 
 
-def _direction(lstm: nn.LSTM, suffix: str) -> nn.LSTM:
-    """A one-direction LSTM holding one direction's weights of a bias-free bidirectional `lstm`."""
-    one = nn.LSTM(lstm.input_size, lstm.hidden_size, num_layers=1, bias=False, batch_first=True)
-    one.load_state_dict({"weight_ih_l0": getattr(lstm, f"weight_ih_l0{suffix}"),
-                         "weight_hh_l0": getattr(lstm, f"weight_hh_l0{suffix}")})
-    return one
-
-
 class ExportableText(nn.Module):
-    """model.encode_texts without packing or data-dependent shapes (see the module docstring)."""
+    """model.encode_texts on its static-shape text path (TextEncoder.forward_static: no packing, no
+    data-dependent shapes), with (input_ids, attention_mask) as the traced inputs."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        text = model.text
-        self.lstm = hasattr(text, "lstm")
-        if self.lstm:
-            if text.lstm.bias or text.lstm.num_layers != 1 or not text.lstm.bidirectional:
-                raise NotImplementedError("export supports the official 1-layer bias-free BiLSTM only")
-            self.fwd, self.bwd = _direction(text.lstm, ""), _direction(text.lstm, "_reverse")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        text = self.model.text
-        hidden = text.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask[..., None].to(hidden.dtype)
-        if not self.lstm:
-            return self.model.embed_text_tokens(text.proj(hidden) * mask, attention_mask)
-        lengths = attention_mask.sum(1, keepdim=True)                       # (B, 1)
-        steps = torch.arange(hidden.shape[1], device=hidden.device)[None]   # (1, L)
-        rev = torch.where(steps < lengths, lengths - 1 - steps, steps)      # reverse inside each caption
-        back_in = hidden.gather(1, rev[..., None].expand(-1, -1, hidden.shape[2]))
-        back = self.bwd(back_in)[0]
-        back = back.gather(1, rev[..., None].expand(-1, -1, back.shape[2]))
-        T = (self.fwd(hidden)[0] + back) / 2 * mask
-        return self.model.embed_text_tokens(T, attention_mask)
+        return self.model.encode_texts(input_ids, attention_mask, static=True)
 
 
 def example_inputs(model: nn.Module, image_size, batch: int = 2, seed: int = 0):

@@ -184,9 +184,11 @@ class RetrievalModel(nn.Module):
         return self.embed_image_tokens(self.image(images))
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids + mask (B, L) [+ CPU lengths (B,)] -> (B, K*embed_dim) L2-normalised retrieval embeddings."""
-        T = self.text(input_ids, attention_mask, lengths)
+                     lengths: torch.Tensor | None = None, static: bool = False) -> torch.Tensor:
+        """Token ids + mask (B, L) [+ CPU lengths (B,)] -> (B, K*embed_dim) L2-normalised retrieval embeddings.
+        static: the text encoder's static-shape path (the same numbers; what ONNX export traces)."""
+        T = self.text.forward_static(input_ids, attention_mask) if static else self.text(input_ids, attention_mask,
+                                                                                          lengths)
         return self.embed_text_tokens(T, attention_mask[:, : T.shape[1]])
 
     @torch.no_grad()

@@ -14,6 +14,11 @@ input_ids/attention_mask (B,L) -> T (B, L_max, dim), L_max = the batch's longest
 - Lengths: packing needs them on the CPU. The training and evaluation loops pass the collate function's
   `lengths` (computed on the CPU when the batch is built), so the step never copies the device mask back
   to the host (a GPU->CPU sync that would stall the step); without them they are counted from the mask.
+- `forward_static`: the same numbers with static shapes only (what ONNX export traces; packing is
+  data-dependent and not exportable): BERT over the full padded length (the attention mask already hides
+  padding), the forward direction on the padded sequence (padding comes after the caption, so it cannot
+  affect real steps), the backward direction on each caption reversed *within its own length* (a gather),
+  reversed back; padded steps zeroed as the packed LSTM leaves them.
 """
 from __future__ import annotations
 
@@ -90,6 +95,15 @@ def _bert_tiny(mcfg, pretrained: bool):
     return _bert_random(BERT_TINY) if not (pretrained and mcfg.text_weights) else _bert_from_folder(mcfg.text_weights)
 
 
+def _one_direction(lstm: nn.LSTM, x: torch.Tensor, suffix: str) -> torch.Tensor:
+    """One direction ("" forward, "_reverse" backward weights) of a bias-free bidirectional `lstm`, run forward
+    in time over x (B, L, H) from a zero state -> (B, L, hidden). torch.lstm is the op nn.LSTM calls; used
+    directly so the weights are shared, not copied into a module built during an ONNX trace."""
+    h0 = x.new_zeros(1, x.shape[0], lstm.hidden_size)
+    weights = [getattr(lstm, f"weight_ih_l0{suffix}"), getattr(lstm, f"weight_hh_l0{suffix}")]
+    return torch.lstm(x, (h0, h0), weights, False, 1, 0.0, False, False, True)[0]
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small CPU tensor copied to `device` without stalling the host (pinned + non_blocking on CUDA)."""
     if device.type == "cuda":
@@ -151,6 +165,25 @@ class TextEncoder(nn.Module):
             out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=longest)
             out = out.index_select(0, inverse_dev)
         return (out[..., :self.dim] + out[..., self.dim:]) / 2
+
+    def forward_static(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """forward() without packing, trimming or host-side lengths (module docstring): (B, L, dim), padded
+        steps 0, L = the input's length. Inference only (export); tests/test_search_export.py checks it
+        equals forward()."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask[..., None].to(hidden.dtype)
+        if not hasattr(self, "lstm"):
+            return self.proj(hidden) * mask
+        lstm = self.lstm
+        if lstm.bias or lstm.num_layers != 1 or not lstm.bidirectional:
+            raise NotImplementedError("the static text path supports the official 1-layer bias-free BiLSTM only")
+        lengths = attention_mask.sum(1, keepdim=True)                       # (B, 1)
+        steps = torch.arange(hidden.shape[1], device=hidden.device)[None]   # (1, L)
+        rev = torch.where(steps < lengths, lengths - 1 - steps, steps)[..., None]  # reversed inside each caption
+        fwd = _one_direction(lstm, hidden, "")
+        back = _one_direction(lstm, hidden.gather(1, rev.expand(-1, -1, hidden.shape[2])), "_reverse")
+        back = back.gather(1, rev.expand(-1, -1, back.shape[2]))
+        return (fwd + back) / 2 * mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
