@@ -20,6 +20,8 @@ from typing import Callable, Collection, Sequence
 import numpy as np
 import torch
 
+from lgur.checkpoint import load_model
+from lgur.config import defaults
 from lgur.runtime import resolve_device
 from lgur.search.ann import FaissSearch, TwoStageSearch
 from lgur.search.filters import Filter
@@ -202,9 +204,6 @@ class Searcher:
 
     def __init__(self, index_path: str | Path, checkpoint: str | Path | None = None, device: str | None = None,
                  mode: str = "auto", search_cfg=None, images_root: str | Path | None = None):
-        from lgur.checkpoint import load_model
-        from lgur.config import defaults
-
         self.cfg = search_cfg or defaults().search
         self.index = GalleryIndex.load(index_path)
         if images_root is not None:

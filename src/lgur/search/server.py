@@ -30,6 +30,8 @@ Every request is hostile until checked, and every refusal is a 4xx with {"error"
 # no `from __future__ import annotations`: FastAPI must see the request model class defined inside
 # create_app (its limits come from the config), not a string it cannot resolve
 import asyncio
+import base64
+import io
 import json
 import logging
 import mimetypes
@@ -38,13 +40,16 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lgur.search.explain import explain_hits, hit_panels
 from lgur.search.filters import filter_from_request
 from lgur.search.index import SearchError
 from lgur.search.paths import OutsideGallery, open_gallery_file
@@ -192,8 +197,6 @@ def explain_model(search_model: type[BaseModel], max_k: int) -> type[BaseModel]:
 def explain_payload(searcher: Searcher, query: str, ids: list[int], load) -> dict:
     """The /api/explain answer (runs the model: call it in a worker thread). `load(id)` opens a crop inside the
     gallery (lgur.search.paths), for the panels and for rows whose maps the index does not hold."""
-    from lgur.search.explain import explain_hits, hit_panels
-
     ex = explain_hits(searcher, query, ids, load)
     out = ex.to_dict()
     for hit, hx in zip(out["hits"], ex.hits):
@@ -209,9 +212,6 @@ def explain_payload(searcher: Searcher, query: str, ids: list[int], load) -> dic
 
 
 def _data_url(im) -> str:
-    import base64
-    import io
-
     buf = io.BytesIO()
     im.convert("RGB").save(buf, "JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -412,8 +412,6 @@ def create_app(searcher: Searcher, max_query_chars: int | None = None, max_k: in
 
     def load_crop(i: int):
         """Crop `i` decoded from a file opened inside the gallery (never a path outside it)."""
-        from PIL import Image
-
         fd, st = open_gallery_file(root, searcher.index.files.path(int(i)), follow_symlinks)
         with os.fdopen(fd, "rb") as f:
             if st.st_size > 64 << 20:
@@ -494,6 +492,4 @@ def _chunks(fd: int, size: int) -> Iterator[bytes]:
 
 def serve(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
     """Run the app with uvicorn; `limits` are create_app's keyword arguments (None: from the config)."""
-    import uvicorn
-
     uvicorn.run(create_app(searcher, **limits), host=host, port=port, log_level="info")
