@@ -113,6 +113,7 @@ def test_random_init_warns_only_when_nothing_supplies_the_weights():
         loaded(x)
 
 
+@pytest.mark.slow  # builds BERT-base + DeiT-Small twice: ~16 s in make test-fast, 2 shared cores (load 6-9)
 def test_build_model_then_checkpoint_does_not_warn_about_random_init(tmp_path):
     """build_model(cfg, n) (pretrained=True by default) of a model whose BERT and DeiT have no weight
     files, then its weights from a model file: no random-init warning; used as is: BERT and DeiT warn."""

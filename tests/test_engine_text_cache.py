@@ -72,6 +72,7 @@ def test_cache_is_refused_when_the_frozen_backbone_has_dropout_in_training():
         TextHiddenCache(model.text, tokens, torch.device("cpu"), progress=False)
 
 
+@pytest.mark.slow  # two training runs: ~15 s in make test-fast, 2 shared cores (load 6-9)
 def test_training_with_the_cache_matches_training_without(synth_root, tmp_path):
     """Two epochs of 3 steps through `lgur train`'s engine, with and without the cache: same losses and
     the same trained weights up to float rounding; the config check comes before any run folder."""

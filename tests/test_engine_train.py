@@ -212,6 +212,7 @@ def _folder_bytes(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # a refused resume after a training run: ~14 s in make test-fast, 2 shared cores (load 6-9)
 def test_failed_resume_leaves_the_run_folder_as_it_was(tiny_run, tmp_path, capsys):
     """A resume whose override the checkpoint does not fit, or whose state file is corrupt, is a readable
     error (exit 2) and changes no byte of the run folder; a plain --resume still works afterwards."""
@@ -274,6 +275,7 @@ def _troubled(synth_root: Path, dst: Path) -> dict[str, int]:
     return where
 
 
+@pytest.mark.slow  # a training run over damaged data: ~28 s in make test-fast, 2 shared cores (load 6-9)
 def test_every_skipped_or_substituted_record_is_named_in_log_and_results(synth_root, tmp_path, capsys):
     """16 train records - 1 missing = 30 pairs = 5 full batches of 6, so every pair is loaded, through 2
     DataLoader workers; the run names each problem record in train.log, results.json and `lgur eval`."""
