@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from lgur.checkpoint import atomic_write, read_model_file
@@ -266,7 +265,8 @@ class Trainer:
         """Best epoch with its selection-split and test metrics -> results.json, table, curves.png."""
         split = self.cfg.eval.select_on
         if split == "val":
-            self.core.load_state_dict(load_file(str(self.run_dir / "best.safetensors")))
+            # through the one verified reader (lgur.files): the file may have been damaged since it was written
+            self.core.load_state_dict(read_model_file(self.run_dir / "best.safetensors")[0])
             log.info("evaluating the selected weights (epoch %d) on test", self.best["epoch"])
             test = self.evaluate(self.loaders.test)
         else:
