@@ -141,6 +141,7 @@ def test_build_model_then_checkpoint_does_not_warn_about_random_init(tmp_path):
     assert "image_backbone=deit_small" in messages and "text_backbone=bert_base" in messages
 
 
+@pytest.mark.slow  # builds ViT-B/16 twice: ~9 s in make test-fast, 2 shared cores (load 4-5)
 def test_clip_checkpoint_resized_and_head_ignored(tmp_path):
     torch.manual_seed(0)
     src = timm.create_model("vit_base_patch16_clip_quickgelu_224", pretrained=False, num_classes=512)
