@@ -60,7 +60,8 @@ class VideoSettings:
     frame_width: int = 480
     jpeg_quality: int = 90
     track_iou: float = 0.2
-    track_max_gap: float = 1.5
+    track_max_gap: float = 3.0
+    track_max_shift: float = 0.75
 
     @classmethod
     def from_config(cls, vcfg, **overrides) -> "VideoSettings":
@@ -72,7 +73,8 @@ class VideoSettings:
 
     def key(self) -> dict:
         return {k: getattr(self, k) for k in ("fps", "detector", "score_threshold", "pad", "min_height", "min_width",
-                                              "frames_fps", "frame_width", "track_iou", "track_max_gap")}
+                                              "frames_fps", "frame_width", "track_iou", "track_max_gap",
+                                              "track_max_shift")}
 
 
 @dataclass
@@ -147,7 +149,7 @@ def process_source(source, detector: Detector, settings: VideoSettings, media: P
     for d in (crop_dir, frame_dir):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-    tracker = IoUTracker(settings.track_iou, settings.track_max_gap)
+    tracker = IoUTracker(settings.track_iou, settings.track_max_gap, max_shift=settings.track_max_shift)
     rows, stats = [], {"frames": 0, "detections": 0, "too_small": 0}
     quality = [int(cv2.IMWRITE_JPEG_QUALITY), int(settings.jpeg_quality)]
     size = None
