@@ -8,6 +8,8 @@ on the person's own image (an index row): k* = the prototype part that attends m
    (the claim: it drops), and how often does it drop;
 2. part k*'s attention over the image: which fraction lies in the upper half of the crop (the claim: most).
 Chance for 2 is the fraction of patches in the upper half (0.5), or the mean over all parts for comparison.
+Diagnostics: how often removing the word lowers the whole score, and when it does, how many of the K parts'
+contributions fall with it (near 100 %: the parts move together, so no part can stand out in 1).
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ def main() -> None:
     row = {p: i for i, p in enumerate(s.index.files.paths())}
     records = [r for r in json.loads((Path(args.data) / "reid_raw.json").read_text()) if r["split"] == "test"]
     drops, dropped, fractions, all_parts, n = [], 0, [], [], 0
+    total_drops, parts_along = 0, []
     for r in records:
         rel = r["file_path"][len("test/"):] if r["file_path"].startswith("test/") else r["file_path"]
         if rel not in row:
@@ -71,6 +74,9 @@ def main() -> None:
             full = part_contributions(img, ev.embeddings[0].float(), K)[0]
             cut = part_contributions(img, text_evidence(model, [shorter]).embeddings[0].float(), K)[0]
             drops.append(float(cut[k] - full[k]))
+            if cut.sum() < full.sum():
+                total_drops += 1
+                parts_along.append(float((cut < full).float().mean()))
             dropped += bool(cut[k] < full[k])
             [pa], _ = hit_maps(s, [row[rel]])
             h = pa.shape[1]
@@ -85,6 +91,8 @@ def main() -> None:
     print(f"removing the colour word: contribution of the part attending to it most changes by "
           f"{statistics.mean(drops):+.4f} on average (median {statistics.median(drops):+.4f}); "
           f"it drops in {dropped}/{n} = {dropped / max(n, 1):.0%}")
+    print(f"removing the colour word lowers the whole score in {total_drops}/{n} = {total_drops / max(n, 1):.0%}; "
+          f"when it does, {statistics.mean(parts_along or [0]):.0%} of the {K} parts' contributions fall with it")
     print(f"that part's image attention in the upper half of the crop: mean {statistics.mean(fractions):.2f} "
           f"(median {statistics.median(fractions):.2f}; > 0.5 in {sum(f > 0.5 for f in fractions)}/{n}); "
           f"all parts' mean {statistics.mean(all_parts):.2f}")
