@@ -7,8 +7,8 @@ Without --index: a random-init model of --recipe (random weights cost the same a
 of a small synthetic gallery are built in a temporary folder. For each setting, `lgur serve` runs in its own
 process on a free loopback port: first `--batch-max 1` (micro-batching disabled: every request encodes its
 query alone, as before), then --batch-max (default search.serve_batch_max) with search.serve_batch_window_ms,
-first with `--batch-workers 1` (one batch at a time, on every thread), then `--batch-workers 0` (one batch per core at
-once, each on one thread).
+first with `--batch-workers 1` (one batch at a time, on every thread), then `--batch-workers 0` (one batch
+per core at once, each on one thread).
 Each gets --warmup requests, then --requests POST /api/search (k=10, synthetic captions of varied length)
 from --clients concurrent keep-alive connections (a minimal asyncio HTTP/1.1 client), every response checked (200, k hits).
 Printed per setting: requests/s, p50/p99/max latency, the mean size of the server's last 100 batches, and
@@ -158,7 +158,7 @@ def run(label: str, index: Path, checkpoint: Path | None, batch_max: int | None,
             proc.wait()
     q = statistics.quantiles(lat, n=100, method="inclusive")
     rps = len(lat) / wall
-    print(f"| {label:<30} | {rps:8.1f} | {q[49] * 1e3:8.0f} | {q[98] * 1e3:8.0f} | {max(lat) * 1e3:8.0f} | "
+    print(f"| {label:<34} | {rps:8.1f} | {q[49] * 1e3:8.0f} | {q[98] * 1e3:8.0f} | {max(lat) * 1e3:8.0f} | "
           f"{mean_batch:10.1f} | {before} -> {after}", flush=True)
     return rps
 
@@ -186,12 +186,13 @@ def main() -> None:
         what = args.index or f"random-init {args.recipe}, 96-image synthetic gallery"
         print(f"lgur serve, {what}: {args.requests} requests (k={args.k}) from {args.clients} clients, "
               f"{os.cpu_count()} CPUs")
-        print("| setting                        | req/s    | p50 ms   | p99 ms   | max ms   | mean batch | load")
-        print("|--------------------------------|----------|----------|----------|----------|------------|-----")
+        print("| setting                            | req/s    | p50 ms   | p99 ms   | max ms   | mean batch | load")
+        print("|------------------------------------|----------|----------|----------|----------|------------|-----")
         base = run("batching off (max 1)", index, checkpoint, 1, texts, args)
-        new = run(f"micro-batching (max {after})", index, checkpoint, after, texts, args, ["--batch-workers", "1"])
-        par = run(f"  + a worker per core", index, checkpoint, after, texts, args, ["--batch-workers", "0"])
-        print(f"throughput vs batching off: micro-batching {new / base:.2f}x, + a worker per core {par / base:.2f}x")
+        new = run(f"micro-batching (max {after}), 1 worker", index, checkpoint, after, texts, args,
+                  ["--batch-workers", "1"])
+        par = run(f"  ... a worker per core", index, checkpoint, after, texts, args, ["--batch-workers", "0"])
+        print(f"throughput vs batching off: micro-batching {new / base:.2f}x, with a worker per core {par / base:.2f}x")
 
 
 if __name__ == "__main__":

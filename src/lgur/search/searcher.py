@@ -130,7 +130,7 @@ def make_engine(index: GalleryIndex, mode: str, scfg, device: torch.device):
     return exact
 
 
-def length_buckets(lengths: Sequence[int], max_batch: int, max_padding: float = 0.15) -> list[list[int]]:
+def length_buckets(lengths: Sequence[int], max_batch: int, max_padding: float = 0.5) -> list[list[int]]:
     """Positions grouped for batched encoding: sorted by length, a batch grows while its padding (tokens added
     to reach its longest member) stays within `max_padding` of its real tokens and it has < max_batch members.
     A transformer's cost grows with batch x longest length, so mixing 14- and 40-token captions wastes compute."""
@@ -256,7 +256,7 @@ class Searcher:
         lengths = [len(ids) for ids in self.model.tokenizer(texts, truncation=True,
                                                              max_length=self.model.max_caption_tokens)["input_ids"]]
         out = [None] * len(texts)
-        for bucket in length_buckets(lengths, int(self.cfg.text_batch_size)):
+        for bucket in length_buckets(lengths, int(self.cfg.text_batch_size), float(self.cfg.text_max_padding)):
             for i, e in zip(bucket, self.model.encode_captions([texts[i] for i in bucket]).float()):
                 out[i] = e
         return torch.stack(out)
