@@ -293,7 +293,9 @@ def test_sheets_and_explanations_never_read_outside_the_gallery(tmp_path, synth_
 def test_upper_garment_colour_word_and_its_part(trained_tiny):
     """Every val/test caption (identities not trained on) that names the upper garment's colour once, on the person's
     own image. k* = the part whose attention over the caption's words is highest on that colour word.
-    (a) Removing the colour word lowers part k*'s contribution to the score: on average, and in most captions.
+    (a) Removing the colour word lowers part k*'s contribution to the score, on average and beyond sampling noise
+        (paired t below -2; the share of captions where it drops is printed, 57 % here: asserting > 50 % would sit
+        1.8 standard errors from the bound and could flip with another CPU's training run).
     (b) Part k*'s attention over the image lies mostly in the upper half of the crop (the garment spans about 0.15-0.55
         of the person's height), and more so than the mean over all parts.
     Measured with the session model (192x96, 6x3 patches, 166 captions): (a) mean change -0.0094, lower in 57 %
@@ -347,5 +349,5 @@ def test_upper_garment_colour_word_and_its_part(trained_tiny):
           f"{lower / n:.0%} (mean change {statistics.mean(changes):+.4f}, t = {t_change:.1f}); that part's image "
           f"attention in the upper half {frac:.3f}, all parts {base:.3f} (t = {t_upper:.1f})")
     assert n >= 120
-    assert statistics.mean(changes) < 0 and lower > n / 2
-    assert frac > 0.5 and frac > base
+    assert statistics.mean(changes) < 0 and t_change < -2
+    assert frac > 0.5 and frac > base and t_upper > 2
