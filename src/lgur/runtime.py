@@ -5,10 +5,16 @@ autocast helper. Training, evaluation, indexing and search all ask here (lgur.en
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 from lgur.errors import ConfigError
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:

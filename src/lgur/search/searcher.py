@@ -10,7 +10,6 @@ model would rank with incompatible embeddings, so that is refused, not warned ab
 """
 from __future__ import annotations
 
-import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch
 
 from lgur.checkpoint import load_model
 from lgur.config import defaults
-from lgur.runtime import resolve_device
+from lgur.runtime import cpu_cores, resolve_device
 from lgur.search.ann import FaissSearch, TwoStageSearch
 from lgur.search.filters import Filter
 from lgur.search.index import BASE_COLUMNS, GalleryIndex, SearchError
@@ -130,7 +129,7 @@ def make_engine(index: GalleryIndex, mode: str, scfg, device: torch.device):
     return exact
 
 
-def length_buckets(lengths: Sequence[int], max_batch: int, max_padding: float = 0.5) -> list[list[int]]:
+def length_buckets(lengths: Sequence[int], max_batch: int, max_padding: float) -> list[list[int]]:
     """Positions grouped for batched encoding: sorted by length, a batch grows while its padding (tokens added
     to reach its longest member) stays within `max_padding` of its real tokens and it has < max_batch members.
     A transformer's cost grows with batch x longest length, so mixing 14- and 40-token captions wastes compute."""
@@ -192,11 +191,6 @@ class ModelTurns:
         for _ in range(self.n):
             self._slots.release()
         self._exclusive.release()
-
-
-def cpu_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class Searcher:
