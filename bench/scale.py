@@ -1,6 +1,6 @@
 """Benchmark: a gallery of N synthetic crops on one machine (not a test).
 
-    .venv/bin/python bench/scale.py build  --n 1000000 --dim 1536 --out /tmp/scale.lgidx   # writes the index
+    .venv/bin/python bench/scale.py build  --n 1000000 --out /tmp/scale.lgidx              # writes the index
     .venv/bin/python bench/scale.py search --out /tmp/scale.lgidx [--nprobe 128,256,512]  # a fresh process
     .venv/bin/python bench/scale.py indexing [--images 256]                               # 2 processes vs 1
 
@@ -9,14 +9,17 @@ in a rank-128 subspace; default width 1536 = lgur-small's 6 x 256), generated bl
 the index's memory-mapped shards (never whole in memory), with metadata columns camera = row % 100 (so
 `camera=3` keeps 1 % of the rows) and time; then what `lgur index --pca 256 --ann ivfpq` does
 (lgur.search.ann.attach_reduction: PCA fitted on a sample, IVF-PQ trained on a sample and filled block by
-block, nprobe tuned to recall@10 >= search.ann_recall_target). Reports build time, peak RSS, disk and
+block, nprobe tuned to recall@10 >= search.ann_recall_target). --pca 128 by default: the rows have rank 128
+plus isotropic noise, and 128 keeps ~93 % of their energy (the build prints it) where 256 adds only noise
+while doubling the IVF-PQ codes scanned per row (d / search.pq_dims 4-bit codes). Reports build time, peak RSS, disk and
 bytes per crop. It also stores held-out queries (perturbed gallery rows, cos ~0.71) and their exact top-10
 (fp32 scan of the full-dim rows, unfiltered and within the 1 % filter) for `search`.
 
 search: in a fresh process, loads the index as `lgur search` does (embeddings and columns memory-mapped),
 then single-query latency (median/p95 wall time and median CPU time over the stored queries, one at a
 time, first and second pass)
-and recall@10 against the exact top-10, unfiltered and with `camera=3`; the time of stage 1 alone (PCA
+and recall@10 against the exact top-10, unfiltered and with `camera=3`; unfiltered again with a query's IVF
+lists scanned on one thread instead of split over the cores (search.ann_threads); the time of stage 1 alone (PCA
 projection + faiss) and, with --nprobe, the recall/latency of other probe counts; peak RSS and peak anonymous
 memory (RSS minus the file pages of the memory maps, which the kernel may drop) while searching.
 
@@ -178,8 +181,13 @@ def search(args) -> None:
         for name, kw, want in (("unfiltered", {}, truth), ("camera=3 (1 %)", {"subset": subset}, truth_f)):
             for rnd in ("first pass", "second pass"):
                 rows[f"{name}, {rnd}"] = one_by_one(lambda q: engine.search(q, 10, **kw)[1], want)
-        # where an unfiltered query's time goes: stage 1 alone (PCA projection + faiss, k x rerank candidates)
         first, comps = engine.engine.first, engine.engine.components
+        # the same on one thread: faiss scans a query's lists on one core; search.ann_threads splits them
+        threads = first.threads
+        first.threads = 1
+        rows["unfiltered, one thread (search.ann_threads=1)"] = one_by_one(lambda q: engine.search(q, 10)[1], truth)
+        first.threads = threads
+        # where an unfiltered query's time goes: stage 1 alone (PCA projection + faiss, k x rerank candidates)
         wanted = 10 * int(index.manifest["ann"]["rerank"])
         rows["unfiltered: stage 1 alone (projection + faiss)"] = one_by_one(lambda q: first.search(q @ comps, wanted))
         # the recall/latency trade-off around the tuned value (same queries, one at a time)
@@ -188,7 +196,7 @@ def search(args) -> None:
             first.set_param(v)
             rows[f"unfiltered, {first.param}={v}"] = one_by_one(lambda q: engine.search(q, 10)[1], truth)
         first.set_param(tuned)
-    result = {"n": len(index), "engine": type(engine).__name__, "ann": index.manifest["ann"]["param"] + "="
+    result = {"n": len(index), "engine": type(engine).__name__, "ann_threads": engine.engine.first.threads, "ann": index.manifest["ann"]["param"] + "="
               + str(index.manifest["ann"]["value"]), "lists": faiss_nlist(index.ann), "load_s": round(t_load, 2),
               "filter_select_ms (camera=3, once, then cached by Searcher)": round(t_select, 1),
               "queries": len(queries), "results": rows, "peak_rss_gb": round(peak_rss_gb(), 2),
@@ -236,7 +244,8 @@ def main() -> None:
     ap.add_argument("what", choices=["build", "search", "indexing"])
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=1536)
-    ap.add_argument("--pca", type=int, default=256)
+    ap.add_argument("--pca", type=int, default=128, help="PCA width: the rows' rank (128); `build` prints the "
+                    "energy it keeps")
     ap.add_argument("--queries", type=int, default=200, help="held-out queries for latency/recall")
     ap.add_argument("--tune-queries", type=int, default=200, help="queries `lgur index` tunes nprobe on")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "lgur_scale.lgidx"))

@@ -206,10 +206,14 @@ def test_index_with_pca_and_ann(tmp_path, built_index, synth_root, tiny_checkpoi
     code, stdout, _ = run_cli(capsys, "index", "--checkpoint", tiny_checkpoint, "--images", synth_root / "imgs",
                               "--out", copy, "--pca", "32", "--ann", "hnsw", "--workers", "0", "--quiet")
     assert code == 0 and "kept 96, added 0" in stdout
-    assert re.search(r"PCA 192 -> 32: recall@10 [\d.]+ with re-ranking", stdout)
+    assert re.search(r"PCA 192 -> 32 keeps [\d.]+ % of the rows' energy: recall@10 [\d.]+ with re-ranking", stdout)
     assert re.search(r"ANN hnsw over 32-d vectors.*efSearch=\d+: recall@10 [\d.]+", stdout)
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest["pca"]["dim"] == 32 and manifest["ann"]["kind"] == "hnsw"
+    stored_rows = GalleryIndex.load(copy).embeddings.float()
+    components = torch.from_numpy(np.load(copy / manifest["data"] / "pca.npy"))
+    kept = float((stored_rows @ components).pow(2).sum() / stored_rows.pow(2).sum())  # all 96 rows are the sample
+    assert manifest["pca"]["energy"] == pytest.approx(kept, rel=1e-4) and 0 < kept <= 1
     assert (copy / manifest["data"] / "ann.faiss").is_file()
     # the recall the build reports is the one a search gets: recomputed here against a written-out brute
     # force over the stored full-dim rows, for the build's own queries (recall_queries, seed 0)

@@ -90,3 +90,32 @@ def test_filtered_scan_keeps_the_subset_rows_for_the_next_query():
     first = store2.taken
     small.search(queries, 10, subset=subset)
     assert store2.taken - first >= len(subset) and not small._subset_cache
+
+
+@needs_faiss
+def test_ivf_lists_split_over_threads_score_the_same_rows_as_one_search(monkeypatch):
+    """FaissSearch.threads > 1 scans shares of a query's probed lists on threads (search_preassigned) and
+    merges their top-k: the same scores as one faiss search, unfiltered and through an ID selector."""
+    gallery = synthetic_embeddings(20000, 64, rank=32)
+    queries = recall_queries(gallery, 40, seed=5)
+    index, param = build_faiss(gallery, "ivfpq")
+    one, split = FaissSearch(index, param, 24, threads=1), FaissSearch(index, param, 24, threads=2)
+    split.min_split_codes = 0
+    calls = []
+    real = split._split_lists
+    monkeypatch.setattr(split, "_split_lists", lambda *a: calls.append(a[2]) or real(*a))
+    subset = np.sort(np.random.default_rng(0).choice(20000, 1000, replace=False))  # 5 %: 1.4x the probes
+    for kw in ({}, {"subset": subset}):
+        s1, i1 = one.search(queries, 30, **kw)
+        s2, i2 = split.search(queries, 30, **kw)
+        torch.testing.assert_close(s2, s1)  # fast-scan scores are quantised: ties may swap ids, never scores
+        overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / 30 for a, b in zip(i1, i2)])
+        assert overlap > 0.97
+        if kw:
+            assert np.isin(i2.numpy(), subset).all()
+    assert len(calls) == 2 and calls[1] > 24  # the filtered search probes more lists (FILTER_PROBE_GROWTH)
+    # one thread, or a query scanning few codes, is not split
+    assert not one._splits(24)
+    small = FaissSearch(index, param, 24, threads=2)
+    assert small.min_split_codes == 100_000 and not small._splits(24)  # 24 of 141 lists: ~3.4k codes
+    assert FaissSearch(index, param, 24, threads=0).threads >= 1  # 0 = one per core

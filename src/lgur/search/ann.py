@@ -12,7 +12,9 @@ Recall queries (`recall_queries`): held-out perturbations of gallery vectors, q 
 """
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch
 
 from lgur.config import defaults
 from lgur.errors import LgurError, SearchError
+from lgur.runtime import cpu_cores
 from lgur.search.topk import ExactSearch, Shards, rescore
 
 ANN_KINDS = ("ivfpq", "hnsw")
@@ -28,6 +31,10 @@ ANN_KINDS = ("ivfpq", "hnsw")
 FILTER_PROBE_GROWTH = 0.1
 _FAISS_THREADS_SET = False
 TUNE_REFINE = 3  # bisection steps of `tune` below the first power of two reaching the recall target
+# an IVF query's lists are split over threads (FaissSearch.threads) only when it scans at least this many
+# codes: below, handing work to the threads costs more than it saves (100k rows, nprobe 64 of 316 lists,
+# 20k codes: 0.21 ms on one thread, 0.64 on two)
+SPLIT_MIN_CODES = 100_000
 PCA_SAMPLE = 20000  # rows used to fit the PCA (the D x D second moment of more rows costs minutes on 2 cores)
 
 
@@ -75,6 +82,14 @@ def fit_pca(embeddings: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
         torch.manual_seed(seed)
         _, _, v = torch.svd_lowrank(x, q=min(dim + 16, min(x.shape)), niter=4)
     return v[:, :dim].contiguous()
+
+
+def pca_energy(embeddings, components: torch.Tensor, rows: int = 4096, seed: int = 1) -> float:
+    """Share of a row sample's squared norm that the projection keeps (sum |W^T g|^2 / sum |g|^2): how much of
+    the embedding a PCA of this width sees. Trained embeddings put most of it in few directions; the lower the
+    width that keeps ~all of it, the cheaper the IVF-PQ codes (d / search.pq_dims per row)."""
+    x = Shards.of(embeddings).take(sample_rows(Shards.of(embeddings).shape[0], rows, seed)).float()
+    return float((x @ components).pow(2).sum() / x.pow(2).sum().clamp_min(1e-12))
 
 
 def sample_rows(n: int, count: int, seed: int = 0) -> torch.Tensor:
@@ -135,8 +150,14 @@ def recall_at(found: torch.Tensor, truth: torch.Tensor) -> float:
 class FaissSearch:
     """A faiss index over (reduced) vectors with its tuned search parameter; ids -1 mean 'no result'."""
 
-    def __init__(self, index, param: str, value: int):
+    def __init__(self, index, param: str, value: int, threads: int = 1):
+        """threads: an IVF query's probed lists are split over this many threads (0 = one per core); faiss
+        runs one query on one thread, and `search_preassigned` lets each thread scan a share of its lists."""
         self.index, self.param, self.value = index, param, int(value)
+        self.threads = max(1, int(threads) or cpu_cores())
+        self._ivf = index if param == "nprobe" and isinstance(index, require_faiss().IndexIVF) else None
+        self.min_split_codes = SPLIT_MIN_CODES
+        self._pool, self._pool_lock = None, threading.Lock()
         self.set_param(self.value)
 
     def set_param(self, value: int) -> None:
@@ -152,23 +173,61 @@ class FaissSearch:
         rows); the probe count grows as the subset shrinks (FILTER_PROBE_GROWTH), since the nearest
         allowed rows lie further out than the nearest rows."""
         x = np.ascontiguousarray(queries.float().cpu().numpy())
-        if subset is None:
-            scores, ids = self.index.search(x, int(k))
-        else:
-            faiss = require_faiss()
+        faiss = require_faiss()
+        sel, value, bitmap = None, self.value, None
+        if subset is not None:
             n = self.index.ntotal
             bitmap = np.zeros((n + 7) // 8, dtype=np.uint8)
             np.bitwise_or.at(bitmap, subset >> 3, (1 << (subset & 7)).astype(np.uint8))
             sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
             frac = max(len(subset) / max(n, 1), 1e-9)
             value = int(min(self._max_value(), np.ceil(self.value * max(1.0, FILTER_PROBE_GROWTH / frac) ** 0.5)))
-            if self.param == "nprobe":
-                params = faiss.SearchParametersIVF(sel=sel, nprobe=value)
-            else:
-                params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(value, int(k)))
-            scores, ids = self.index.search(x, int(k), params=params)
-            del bitmap
+        if self._splits(value):
+            scores, ids = self._split_lists(x, int(k), value, sel)
+        elif sel is None:
+            scores, ids = self.index.search(x, int(k))
+        elif self.param == "nprobe":
+            scores, ids = self.index.search(x, int(k), params=faiss.SearchParametersIVF(sel=sel, nprobe=value))
+        else:
+            scores, ids = self.index.search(x, int(k), params=faiss.SearchParametersHNSW(sel=sel, efSearch=max(value, int(k))))
+        del bitmap  # after the search: `sel` points into it
         return torch.from_numpy(scores), torch.from_numpy(ids)
+
+    def _splits(self, nprobe: int) -> bool:
+        """Whether a search with this nprobe is split over threads (see SPLIT_MIN_CODES)."""
+        if self._ivf is None or self.threads < 2 or nprobe < 2 * self.threads:
+            return False
+        return nprobe * self._ivf.ntotal / max(1, self._ivf.nlist) >= self.min_split_codes
+
+    def _split_lists(self, x: np.ndarray, k: int, nprobe: int, sel) -> tuple[np.ndarray, np.ndarray]:
+        """IVF search with the `nprobe` nearest lists of each query split into `threads` shares, each scanned
+        by faiss (`search_preassigned`, GIL released) on its own thread; the shares' top-k are merged. The
+        same rows are scored as by one `index.search` (tests/test_ann.py compares them); on 2 idle cores a
+        1M-row query took 2.1 instead of 3.1 ms (bench/scale.py search prints both)."""
+        faiss, ivf = require_faiss(), self._ivf
+        with self._pool_lock:  # a server searches from several threads
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lgur-ivf")
+        centroid_scores, lists = ivf.quantizer.search(x, nprobe)
+        shares = np.array_split(np.arange(nprobe), self.threads)
+        n = len(x)
+
+        def scan(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            assign = np.ascontiguousarray(lists[:, cols])
+            dis = np.ascontiguousarray(centroid_scores[:, cols])
+            scores, ids = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=len(cols)) if sel is not None else \
+                faiss.SearchParametersIVF(nprobe=len(cols))
+            ivf.search_preassigned_c(n, faiss.swig_ptr(x), k, faiss.swig_ptr(assign), faiss.swig_ptr(dis),
+                                     faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
+            return scores, ids
+
+        parts = list(self._pool.map(scan, shares))
+        scores = np.concatenate([p[0] for p in parts], axis=1)
+        ids = np.concatenate([p[1] for p in parts], axis=1)
+        scores[ids < 0] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
     def _max_value(self) -> int:
         return faiss_nlist(self.index) if self.param == "nprobe" else 4096
@@ -329,15 +388,16 @@ def attach_reduction(store, manifest: dict, writer, pca_dim: int | None, ann_kin
         if not 0 < int(pca_dim) < d:
             raise SearchError(f"--pca must be between 1 and {d - 1} (the embedding has {d} dims), got {pca_dim}")
         components = fit_pca(store, int(pca_dim))
+        energy = pca_energy(store, components)
         writer.write_array("pca.npy", components.numpy())
         reduced = torch.from_numpy(writer.open_array("reduced.npy", (n, int(pca_dim)), np.float16))
         project(store, components, out=reduced)
         first = ExactSearch(Shards([reduced], mapped=True))
         recall, ms = measure(TwoStageSearch(first, store, components, scfg.rerank), queries, truth)
         bare = measure(TwoStageSearch(first, store, components, 0), queries, truth)[0]
-        manifest["pca"] = {"dim": int(pca_dim), "fit_rows": min(n, PCA_SAMPLE), "recall@10": recall,
+        manifest["pca"] = {"dim": int(pca_dim), "fit_rows": min(n, PCA_SAMPLE), "energy": energy, "recall@10": recall,
                            "recall@10_no_rerank": bare, "rerank": int(scfg.rerank), "queries": len(queries)}
-        notes.append(f"PCA {d} -> {pca_dim}: recall@10 {recall:.3f} with re-ranking x{scfg.rerank}, {bare:.3f} "
+        notes.append(f"PCA {d} -> {pca_dim} keeps {100 * energy:.1f} % of the rows' energy: recall@10 {recall:.3f} with re-ranking x{scfg.rerank}, {bare:.3f} "
                      f"without (vs exact full-dim, {len(queries)} perturbed gallery vectors as queries)")
     if ann_kind:
         vectors = reduced if components is not None else store

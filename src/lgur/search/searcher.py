@@ -112,7 +112,7 @@ def make_engine(index: GalleryIndex, mode: str, scfg, device: torch.device):
         return exact
     components = index.components.to(device) if index.components is not None else None
     if index.ann is not None and (mode == "ann" or len(index) >= int(scfg.ann_threshold)):
-        first = FaissSearch(index.ann, ann["param"], ann["value"])
+        first = FaissSearch(index.ann, ann["param"], ann["value"], threads=int(scfg.ann_threads))
         engine = TwoStageSearch(first, exact.store, components, int(ann["rerank"]))  # as tuned at build time
         # a small filtered subset: an exact scan of its rows (PCA rows when built, re-ranked) beats probing
         # most of the IVF lists for the few allowed rows among them
