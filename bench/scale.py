@@ -107,7 +107,7 @@ def build(args) -> None:
             w.write_array(f"col-{name}.npy", cols[name])
         w.columns = {"path": "str", "size": "int", "mtime_ns": "int", "camera": "int", "time": "float"}
         del cols
-        store = Shards([torch.from_numpy(np.load(w.data / s["file"], mmap_mode="c")) for s in w.shards], mapped=True)
+        store = Shards.of_mapped([np.load(w.data / s["file"], mmap_mode="c") for s in w.shards])
         manifest = {"fingerprint": "synthetic", "checkpoint": "none", "images_root": "/synthetic", "dtype": "fp16",
                     "dim": d, "model": {"name": "synthetic"}, "skipped": [], "pca": None, "ann": None}
         t1 = time.perf_counter()

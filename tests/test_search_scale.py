@@ -119,3 +119,31 @@ def test_ivf_lists_split_over_threads_score_the_same_rows_as_one_search(monkeypa
     small = FaissSearch(index, param, 24, threads=2)
     assert small.min_split_codes == 100_000 and not small._splits(24)  # 24 of 141 lists: ~3.4k codes
     assert FaissSearch(index, param, 24, threads=0).threads >= 1  # 0 = one per core
+
+
+def _vm_flags(path) -> list[set[str]]:
+    """VmFlags of this process's mappings of `path` (/proc/self/smaps)."""
+    flags, current = [], None
+    for line in open("/proc/self/smaps"):
+        first = line.split(maxsplit=1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header line: address range ... path
+            current = line.rstrip("\n").endswith(str(path))
+        elif first == "VmFlags:" and current:
+            flags.append(set(line.split()[1:]))
+    return flags
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_mapped_store_gathers_through_a_mapping_without_readahead(tmp_path):
+    """Gathers (re-ranking's candidate rows) must not trigger the kernel's ~128 KiB read-around per fault on a
+    gallery larger than the page cache: they read a second mapping marked MADV_RANDOM ('rr' in smaps), while
+    scans keep the readahead of the first."""
+    rows = np.random.default_rng(0).standard_normal((4096, 64)).astype(np.float16)
+    np.save(tmp_path / "emb.npy", rows)
+    arr = np.load(tmp_path / "emb.npy", mmap_mode="c")
+    store = Shards.of_mapped([arr])
+    ids = torch.tensor([[5, 4000, 17], [0, 1, 4095]])
+    np.testing.assert_array_equal(store.take(ids).numpy(), rows[ids.numpy()])
+    np.testing.assert_array_equal(torch.cat(list(store.blocks(1000))).numpy(), rows)
+    flags = _vm_flags(tmp_path / "emb.npy")
+    assert len(flags) == 2 and sum("rr" in f for f in flags) == 1  # the scan mapping and the gather twin

@@ -271,8 +271,7 @@ def _merge_maps(writer: IndexWriter, old, src: np.ndarray, row: np.ndarray, data
 
 
 def _written_store(writer: IndexWriter, dim: int, dtype: str) -> Shards:
-    return Shards([torch.from_numpy(np.load(writer.data / s["file"], mmap_mode="c", allow_pickle=False))
-                   for s in writer.shards], mapped=True)
+    return Shards.of_mapped([np.load(writer.data / s["file"], mmap_mode="c", allow_pickle=False) for s in writer.shards])
 
 
 def build_index(checkpoint: str | Path, images: str | Path, out: str | Path, dtype: str = "fp16",

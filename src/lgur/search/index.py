@@ -406,8 +406,7 @@ class GalleryIndex:
         data = path / manifest["data"]
         n, d = manifest["count"], manifest["dim"]
         np_dtype = NP_DTYPES[manifest["dtype"]]
-        parts = [torch.from_numpy(_open_array(data / s["file"], (s["rows"], d), np_dtype, "embeddings"))
-                 for s in manifest["shards"]]
+        parts = [_open_array(data / s["file"], (s["rows"], d), np_dtype, "embeddings") for s in manifest["shards"]]
         cols = {name: _open_array(data / f"col-{name}.npy", (n,), {"int": np.int64, "float": np.float64}.get(kind, "S"),
                                   f"column {name!r}") for name, kind in manifest["columns"].items()}
         components = reduced = None
@@ -436,7 +435,7 @@ class GalleryIndex:
                                np.float16, "explanation maps")
         rows = Rows(cols, manifest["columns"])
         check_manifest_paths(path, manifest["images_root"], rows.paths())
-        return cls(manifest, rows, Shards(parts, mapped=True), components, reduced, ann, path, maps)
+        return cls(manifest, rows, Shards.of_mapped(parts), components, reduced, ann, path, maps)
 
     def save(self, path: str | Path) -> Path:
         """Write this (in-memory) index to `path` atomically (see the module docstring)."""
