@@ -8,7 +8,7 @@ import torch
 
 from lgur.search.ann import (FaissSearch, build_faiss, exact_truth, faiss_nlist, faiss_or_none, ivf_nlist,
                              recall_queries, synthetic_embeddings, tune)
-from lgur.search.topk import ExactSearch, Shards
+from lgur.search.topk import ExactSearch, RowReader, Shards, row_reader
 
 needs_faiss = pytest.mark.skipif(faiss_or_none() is None, reason="faiss is not installed (pip install faiss-cpu)")
 
@@ -121,29 +121,34 @@ def test_ivf_lists_split_over_threads_score_the_same_rows_as_one_search(monkeypa
     assert FaissSearch(index, param, 24, threads=0).threads >= 1  # 0 = one per core
 
 
-def _vm_flags(path) -> list[set[str]]:
-    """VmFlags of this process's mappings of `path` (/proc/self/smaps)."""
-    flags, current = [], None
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_mapped_store_gathers_rows_with_pread_not_through_the_mapping(tmp_path):
+    """Gathers (re-ranking's candidate rows) read each row with pread (RowReader) instead of faulting the
+    mapping: a fault reads ~128 KiB around its page and maps page cache folios into the process. The marker:
+    after gathering 300 rows spread over a 16 MiB shard, this process maps (nearly) none of the file."""
+    rows = np.random.default_rng(0).standard_normal((8192, 1024)).astype(np.float16)  # 16 MiB, 2 KiB rows
+    half = 4096
+    np.save(tmp_path / "emb.npy", rows[:half])
+    np.save(tmp_path / "emb2.npy", rows[half:])
+    store = Shards.of_mapped([np.load(tmp_path / f, mmap_mode="c") for f in ("emb.npy", "emb2.npy")])
+    assert all(isinstance(v, RowReader) for v in store._np)
+    ids = torch.from_numpy(np.random.default_rng(1).choice(8192, 300, replace=False)).reshape(3, 100)
+    np.testing.assert_array_equal(store.take(ids).numpy(), rows[ids.numpy()])  # both shards, any order
+    assert _mapped_kib(tmp_path / "emb.npy") + _mapped_kib(tmp_path / "emb2.npy") < 256
+    np.testing.assert_array_equal(torch.cat(list(store.blocks(1000))).numpy(), rows)  # scans use the mapping
+    with pytest.raises(IndexError):
+        store._np[0][np.array([half])]  # out of the shard's rows: an error, not another file's bytes
+    whole = np.load(tmp_path / "emb.npy", mmap_mode="r")
+    assert row_reader(whole[10:]) is not None and not isinstance(row_reader(whole[10:]), RowReader)  # a slice
+
+
+def _mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, current = 0, False
     for line in open("/proc/self/smaps"):
         first = line.split(maxsplit=1)[0]
         if "-" in first and not first.endswith(":"):  # a mapping's header line: address range ... path
             current = line.rstrip("\n").endswith(str(path))
-        elif first == "VmFlags:" and current:
-            flags.append(set(line.split()[1:]))
-    return flags
-
-
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux /proc")
-def test_mapped_store_gathers_through_a_mapping_without_readahead(tmp_path):
-    """Gathers (re-ranking's candidate rows) must not trigger the kernel's ~128 KiB read-around per fault on a
-    gallery larger than the page cache: they read a second mapping marked MADV_RANDOM ('rr' in smaps), while
-    scans keep the readahead of the first."""
-    rows = np.random.default_rng(0).standard_normal((4096, 64)).astype(np.float16)
-    np.save(tmp_path / "emb.npy", rows)
-    arr = np.load(tmp_path / "emb.npy", mmap_mode="c")
-    store = Shards.of_mapped([arr])
-    ids = torch.tensor([[5, 4000, 17], [0, 1, 4095]])
-    np.testing.assert_array_equal(store.take(ids).numpy(), rows[ids.numpy()])
-    np.testing.assert_array_equal(torch.cat(list(store.blocks(1000))).numpy(), rows)
-    flags = _vm_flags(tmp_path / "emb.npy")
-    assert len(flags) == 2 and sum("rr" in f for f in flags) == 1  # the scan mapping and the gather twin
+        elif first == "Rss:" and current:
+            total += int(line.split()[1])
+    return total

@@ -14,6 +14,8 @@ Why this design (bench/search.py measures it; the README lists the figures):
 from __future__ import annotations
 
 import mmap
+import os
+import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -65,7 +67,7 @@ class Shards:
     working copy in the compute dtype)."""
 
     def __init__(self, parts: Sequence[torch.Tensor], mapped: bool = False,
-                 gather_views: Sequence[np.ndarray] | None = None):
+                 gather_views: Sequence | None = None):
         self.parts = [p for p in parts if p.shape[0]] or list(parts[:1])
         if not self.parts:
             raise ValueError("Shards needs at least one part")
@@ -85,14 +87,11 @@ class Shards:
 
     @classmethod
     def of_mapped(cls, arrays: Sequence[np.ndarray]) -> "Shards":
-        """Shards over memory-mapped arrays (np.load(..., mmap_mode=...)): scans read them through their own
-        mapping (the kernel's readahead serves sequential reads), gathers through a second read-only mapping
-        of each file with readahead off (MADV_RANDOM). On a fault the kernel otherwise reads ~128 KiB around
-        the page, so re-ranking 100 candidate rows of 3 KiB from a gallery larger than the page cache read
-        ~40x the bytes it needed: the 10 M benchmark's build read 700 MB/s for minutes in that gather."""
+        """Shards over memory-mapped arrays (np.load(..., mmap_mode=...)): scans read them through their
+        mapping (the kernel's readahead serves sequential reads), gathers with pread (RowReader: no readahead,
+        no page cache mapped into this process)."""
         parts = [torch.from_numpy(a) for a in arrays]
-        views = [random_access_view(a) for a in arrays]
-        return cls(parts, mapped=True, gather_views=views)
+        return cls(parts, mapped=True, gather_views=[row_reader(a) for a in arrays])
 
     @classmethod
     def of(cls, x: "torch.Tensor | Shards") -> "Shards":
@@ -138,16 +137,56 @@ class Shards:
         return Shards([self.contiguous().to(device)])
 
 
-def random_access_view(a: np.ndarray) -> np.ndarray:
-    """A read-only second mapping of a memory-mapped array's file with the kernel's readahead off (see
-    Shards.of_mapped); `a` itself where it is not a file mapping or the platform has no madvise."""
-    if not isinstance(a, np.memmap) or a.filename is None or not hasattr(mmap, "MADV_RANDOM"):
-        return a
-    twin = np.memmap(a.filename, dtype=a.dtype, mode="r", offset=a.offset, shape=a.shape)
-    mapping = getattr(twin, "_mmap", None)  # numpy's mmap.mmap behind the array (None for an empty one)
-    if mapping is not None:
-        mapping.madvise(mmap.MADV_RANDOM)
-    return twin
+class RowReader:
+    """Rows of a memory-mapped array's file read with pread into a fresh buffer, the file opened with the
+    kernel's readahead off (POSIX_FADV_RANDOM): `reader[ids]` is `array[ids]` (ids: 1-d, in range).
+
+    For gathers (re-ranking's candidate rows): through a mapping, every fault on a gallery larger than the
+    page cache read ~128 KiB around its page (the 10 M benchmark's tuning read 700 MB/s for minutes), and
+    every page cache folio a fault touched was mapped into the process, so its RSS grew by ~35 MB per query
+    (5.6 GB after 200) with nothing of its own behind it. pread copies just the row."""
+
+    def __init__(self, a: np.memmap):
+        self.path, self.offset = str(a.filename), int(a.offset)
+        self.shape, self.dtype = tuple(a.shape), a.dtype
+        self.row_bytes = int(a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)))
+        self._fd, self._lock = None, threading.Lock()
+
+    def _file(self) -> int:
+        with self._lock:  # opened on first use: an index of many shards holds no idle descriptors
+            if self._fd is None:
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                self._fd = fd
+            return self._fd
+
+    def __getitem__(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            raise IndexError(f"{self.path}: row ids must be in 0..{self.shape[0] - 1}")
+        out = np.empty((ids.size, *self.shape[1:]), self.dtype)
+        if not ids.size:
+            return out
+        fd, rb, buf = self._file(), self.row_bytes, memoryview(out.reshape(-1).view(np.uint8))
+        for j, i in enumerate(ids.tolist()):
+            got = os.preadv(fd, [buf[j * rb:(j + 1) * rb]], self.offset + i * rb)
+            if got != rb:
+                raise OSError(f"{self.path}: short read of row {i} ({got} of {rb} bytes; truncated file?)")
+        return out
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
+def row_reader(a: np.ndarray):
+    """A RowReader for a memory-mapped array as np.load / np.memmap return it, `a` itself for anything else
+    (in-memory arrays, a slice of a mapping, whose `offset` numpy leaves at the file's; no preadv)."""
+    if (isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.filename is not None and a.ndim >= 1
+            and hasattr(os, "preadv")):
+        return RowReader(a)
+    return a
 
 
 def take_rows(store, ids: torch.Tensor) -> torch.Tensor:
