@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lgur.errors import SearchError
 from lgur.search.ann import (FaissSearch, build_faiss, exact_truth, faiss_nlist, faiss_or_none, ivf_nlist,
                              recall_queries, synthetic_embeddings, tune)
 from lgur.search.topk import ExactSearch, RowReader, Shards, row_reader
@@ -140,6 +141,17 @@ def test_mapped_store_gathers_rows_with_pread_not_through_the_mapping(tmp_path):
         store._np[0][np.array([half])]  # out of the shard's rows: an error, not another file's bytes
     whole = np.load(tmp_path / "emb.npy", mmap_mode="r")
     assert row_reader(whole[10:]) is not None and not isinstance(row_reader(whole[10:]), RowReader)  # a slice
+    # the file as loaded stays readable after a newer index's commit removes it, as through the mapping,
+    # also when nothing was gathered from it before
+    np.save(tmp_path / "emb3.npy", rows[:64])
+    unread = Shards.of_mapped([np.load(tmp_path / "emb3.npy", mmap_mode="c")])
+    (tmp_path / "emb3.npy").unlink()
+    np.testing.assert_array_equal(unread.take(torch.tensor([7, 63])).numpy(), rows[[7, 63]])
+    # a shard truncated after loading: a readable error, not a traceback from inside the read
+    with open(tmp_path / "emb.npy", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 4096)
+    with pytest.raises(SearchError, match="truncated"):
+        store.take(torch.tensor([half - 1]))
 
 
 def _mapped_kib(path) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -23,6 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from lgur.errors import SearchError
 from lgur.runtime import cpu_has_fast_bf16
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,9 +68,10 @@ class Shards:
 
     def __init__(self, parts: Sequence[torch.Tensor], mapped: bool = False,
                  gather_views: Sequence | None = None):
-        self.parts = [p for p in parts if p.shape[0]] or list(parts[:1])
-        if not self.parts:
+        keep = [i for i, p in enumerate(parts) if p.shape[0]] or [0]  # empty parts hold no rows
+        if not parts:
             raise ValueError("Shards needs at least one part")
+        self.parts = [parts[i] for i in keep]
         self.mapped = bool(mapped)
         self.offsets = np.cumsum([0] + [p.shape[0] for p in self.parts])
         d = {p.shape[1] for p in self.parts}
@@ -83,7 +84,7 @@ class Shards:
         self._np = ([p.numpy() for p in self.parts] if self.device.type == "cpu" and self.dtype != torch.bfloat16
                     else None)
         if gather_views is not None and self._np is not None:
-            self._np = [v for v in gather_views if v.shape[0]] or list(gather_views[:1])
+            self._np = [gather_views[i] for i in keep]
 
     @classmethod
     def of_mapped(cls, arrays: Sequence[np.ndarray]) -> "Shards":
@@ -150,16 +151,11 @@ class RowReader:
         self.path, self.offset = str(a.filename), int(a.offset)
         self.shape, self.dtype = tuple(a.shape), a.dtype
         self.row_bytes = int(a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)))
-        self._fd, self._lock = None, threading.Lock()
-
-    def _file(self) -> int:
-        with self._lock:  # opened on first use: an index of many shards holds no idle descriptors
-            if self._fd is None:
-                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                self._fd = fd
-            return self._fd
+        # opened now, beside the mapping: both then read the same file even after a newer index's commit
+        # removes this data folder (clean_stale) while a server still searches the version it loaded
+        self._fd = os.open(self.path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
 
     def __getitem__(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -168,11 +164,12 @@ class RowReader:
         out = np.empty((ids.size, *self.shape[1:]), self.dtype)
         if not ids.size:
             return out
-        fd, rb, buf = self._file(), self.row_bytes, memoryview(out.reshape(-1).view(np.uint8))
+        rb, buf = self.row_bytes, memoryview(out.reshape(-1).view(np.uint8))
         for j, i in enumerate(ids.tolist()):
-            got = os.preadv(fd, [buf[j * rb:(j + 1) * rb]], self.offset + i * rb)
+            got = os.preadv(self._fd, [buf[j * rb:(j + 1) * rb]], self.offset + i * rb)
             if got != rb:
-                raise OSError(f"{self.path}: short read of row {i} ({got} of {rb} bytes; truncated file?)")
+                raise SearchError(f"{self.path}: row {i} reads {got} of {rb} bytes: the file was truncated "
+                                  f"after the index was loaded (rebuild it with `lgur index`)")
         return out
 
     def __del__(self):
