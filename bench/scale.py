@@ -11,16 +11,16 @@ the index's memory-mapped shards (never whole in memory), with metadata columns 
 (lgur.search.ann.attach_reduction: PCA fitted on a sample, IVF-PQ trained on a sample and filled block by
 block, nprobe tuned to recall@10 >= search.ann_recall_target). --pca 128 by default: the rows have rank 128
 plus isotropic noise, and 128 keeps ~93 % of their energy (the build prints it) where 256 adds only noise
-while doubling the IVF-PQ codes scanned per row (d / search.pq_dims 4-bit codes). Reports build time, peak RSS, disk and
-bytes per crop. It also stores held-out queries (perturbed gallery rows, cos ~0.71) and their exact top-10
+while doubling the IVF-PQ codes scanned per row (d / search.pq_dims 4-bit codes). Reports build time, peak
+RSS, disk and bytes per crop. It also stores held-out queries (perturbed gallery rows, cos ~0.71) and their exact top-10
 (fp32 scan of the full-dim rows, unfiltered and within the 1 % filter) for `search`.
 
 search: in a fresh process, loads the index as `lgur search` does (embeddings and columns memory-mapped),
 then single-query latency (median/p95 wall time and median CPU time over the stored queries, one at a
 time, first and second pass)
 and recall@10 against the exact top-10, unfiltered and with `camera=3`; unfiltered again with a query's IVF
-lists scanned on one thread instead of split over the cores (search.ann_threads); the time of stage 1 alone (PCA
-projection + faiss) and, with --nprobe, the recall/latency of other probe counts; peak RSS and peak anonymous
+lists scanned on one thread instead of split over the cores (search.ann_threads); the time of stage 1 alone
+(PCA projection + faiss) and, with --nprobe, the recall/latency of other probe counts; peak RSS and peak anonymous
 memory (RSS minus the file pages of the memory maps, which the kernel may drop) while searching.
 
 indexing: images/s of `lgur index` with 1 process vs `--nproc 2`, each process on 1 thread
@@ -196,8 +196,8 @@ def search(args) -> None:
             first.set_param(v)
             rows[f"unfiltered, {first.param}={v}"] = one_by_one(lambda q: engine.search(q, 10)[1], truth)
         first.set_param(tuned)
-    result = {"n": len(index), "engine": type(engine).__name__, "ann_threads": engine.engine.first.threads, "ann": index.manifest["ann"]["param"] + "="
-              + str(index.manifest["ann"]["value"]), "lists": faiss_nlist(index.ann), "load_s": round(t_load, 2),
+    result = {"n": len(index), "engine": type(engine).__name__, "ann_threads": first.threads,
+              "ann": index.manifest["ann"]["param"] + "=" + str(index.manifest["ann"]["value"]), "lists": faiss_nlist(index.ann), "load_s": round(t_load, 2),
               "filter_select_ms (camera=3, once, then cached by Searcher)": round(t_select, 1),
               "queries": len(queries), "results": rows, "peak_rss_gb": round(peak_rss_gb(), 2),
               "anon_gb_after_load": round(anon_after_load, 2), "anon_gb_end": round(anon_gb(), 2), "load": load()}

@@ -12,7 +12,6 @@ Recall queries (`recall_queries`): held-out perturbations of gallery vectors, q 
 """
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,7 +87,8 @@ def pca_energy(embeddings, components: torch.Tensor, rows: int = 4096, seed: int
     """Share of a row sample's squared norm that the projection keeps (sum |W^T g|^2 / sum |g|^2): how much of
     the embedding a PCA of this width sees. Trained embeddings put most of it in few directions; the lower the
     width that keeps ~all of it, the cheaper the IVF-PQ codes (d / search.pq_dims per row)."""
-    x = Shards.of(embeddings).take(sample_rows(Shards.of(embeddings).shape[0], rows, seed)).float()
+    store = Shards.of(embeddings)
+    x = store.take(sample_rows(store.shape[0], rows, seed)).float()
     return float((x @ components).pow(2).sum() / x.pow(2).sum().clamp_min(1e-12))
 
 
@@ -157,7 +157,9 @@ class FaissSearch:
         self.threads = max(1, int(threads) or cpu_cores())
         self._ivf = index if param == "nprobe" and isinstance(index, require_faiss().IndexIVF) else None
         self.min_split_codes = SPLIT_MIN_CODES
-        self._pool, self._pool_lock = None, threading.Lock()
+        # its threads start on the first split search (ThreadPoolExecutor starts them on demand)
+        self._pool = (ThreadPoolExecutor(self.threads, thread_name_prefix="lgur-ivf")
+                      if self._ivf is not None and self.threads > 1 else None)
         self.set_param(self.value)
 
     def set_param(self, value: int) -> None:
@@ -206,9 +208,6 @@ class FaissSearch:
         cores a query of 1M random 128-d rows (PQ64x4fs, nprobe 334 of 1000 lists) took 2.1 instead of 3.1 ms
         (bench/scale.py search prints both)."""
         faiss, ivf = require_faiss(), self._ivf
-        with self._pool_lock:  # a server searches from several threads
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lgur-ivf")
         centroid_scores, lists = ivf.quantizer.search(x, nprobe)
         shares = np.array_split(np.arange(nprobe), self.threads)
         n = len(x)
@@ -217,8 +216,7 @@ class FaissSearch:
             assign = np.ascontiguousarray(lists[:, cols])
             dis = np.ascontiguousarray(centroid_scores[:, cols])
             scores, ids = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=len(cols)) if sel is not None else \
-                faiss.SearchParametersIVF(nprobe=len(cols))
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=len(cols))  # sel None: every row
             ivf.search_preassigned_c(n, faiss.swig_ptr(x), k, faiss.swig_ptr(assign), faiss.swig_ptr(dis),
                                      faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
             return scores, ids
