@@ -3,6 +3,7 @@
     .venv/bin/python bench/scale.py build  --n 1000000 --out /tmp/scale.lgidx              # writes the index
     .venv/bin/python bench/scale.py search --out /tmp/scale.lgidx [--nprobe 128,256,512]  # a fresh process
     .venv/bin/python bench/scale.py indexing [--images 256]                               # 2 processes vs 1
+    .venv/bin/python bench/scale.py retune --out /tmp/scale.lgidx   # the build's nprobe tuning again, current settings
 
 build: N L2-normalised clustered embeddings (`lgur.search.ann.synthetic_embeddings`, identities of ~8 crops
 in a rank-128 subspace; default width 1536 = lgur-small's 6 x 256), generated block by block straight into
@@ -22,6 +23,11 @@ and recall@10 against the exact top-10, unfiltered and with `camera=3`; unfilter
 lists scanned on one thread instead of split over the cores (search.ann_threads); the time of stage 1 alone
 (PCA projection + faiss) and, with --nprobe, the recall/latency of other probe counts; peak RSS and peak anonymous
 memory (RSS minus the file pages of the memory maps, which the kernel may drop) while searching.
+
+retune: what the build's last step does (lgur.search.ann.tune_ann: nprobe tuned to the recall target with the
+current search.rerank / search.refine, on the build's own held-out queries) on an index already built, keeping its
+rows and faiss index; rewrites its manifest's `ann` entry. For comparing search settings at 10 M without the
+~17 min build.
 
 indexing: images/s of `lgur index` with 1 process vs `--nproc 2`, each process on 1 thread
 (OMP_NUM_THREADS=1: the same CPU budget per process), on synthetic images with lgur-small (random
@@ -187,8 +193,9 @@ def search(args) -> None:
         first.threads = 1
         rows["unfiltered, one thread (search.ann_threads=1)"] = one_by_one(lambda q: engine.search(q, 10)[1], truth)
         first.threads = threads
-        # where an unfiltered query's time goes: stage 1 alone (PCA projection + faiss, k x rerank candidates)
-        wanted = 10 * int(index.manifest["ann"]["rerank"])
+        # where an unfiltered query's time goes: stage 1 alone (PCA projection + faiss, the candidates it
+        # proposes: k x refine, or k x rerank without refining)
+        wanted = 10 * max(engine.engine.rerank, engine.engine.refine)
         rows["unfiltered: stage 1 alone (projection + faiss)"] = one_by_one(lambda q: first.search(q @ comps, wanted))
         # the recall/latency trade-off around the tuned value (same queries, one at a time)
         tuned = first.value
@@ -202,6 +209,34 @@ def search(args) -> None:
               "queries": len(queries), "results": rows, "peak_rss_gb": round(peak_rss_gb(), 2),
               "anon_gb_after_load": round(anon_after_load, 2), "anon_gb_end": round(anon_gb(), 2), "load": load()}
     print(json.dumps(result, indent=1))
+
+
+def retune(args) -> None:
+    from lgur.config import defaults
+    from lgur.models.checkpoint import atomic_write
+    from lgur.search.ann import ann_settings, exact_truth, recall_queries, tune_ann
+    from lgur.search.index import GalleryIndex
+
+    out = Path(args.out)
+    index = GalleryIndex.load(out)
+    scfg = defaults().search
+    ann = index.manifest["ann"]
+    t = time.perf_counter()
+    queries = recall_queries(index.store, min(args.tune_queries, len(index)))  # seed 0, as attach_reduction
+    truth = exact_truth(index.store, queries)
+    t_truth = time.perf_counter() - t
+    tuning, refine = tune_ann(index.ann, ann["param"], ann["kind"], index.store, index.components, index.reduced,
+                              scfg, queries, truth)
+    before = {k: ann.get(k) for k in ("value", "recall@10", "rerank", "refine")}
+    manifest = {**index.manifest, "ann": {**ann, **ann_settings(tuning, refine, scfg)}}
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(manifest), encoding="utf-8")
+
+    atomic_write(out / "manifest.json", write)
+    print(json.dumps({"n": len(index), "before": before, "after": tuning.describe(), "refine": refine,
+                      "rerank": int(scfg.rerank), "truth_s": round(t_truth, 1),
+                      "tune_s": round(time.perf_counter() - t - t_truth, 1), "load": load()}, indent=1))
 
 
 def indexing(args) -> None:
@@ -241,7 +276,7 @@ def indexing(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["build", "search", "indexing"])
+    ap.add_argument("what", choices=["build", "search", "indexing", "retune"])
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=1536)
     ap.add_argument("--pca", type=int, default=128, help="PCA width: the rows' rank (128); `build` prints the "
@@ -253,7 +288,7 @@ def main() -> None:
     ap.add_argument("--nprobe", default="", help="search: also measure these nprobe values (e.g. 128,256,512)")
     args = ap.parse_args()
     print(load(), flush=True)
-    {"build": build, "search": search, "indexing": indexing}[args.what](args)
+    {"build": build, "search": search, "indexing": indexing, "retune": retune}[args.what](args)
 
 
 if __name__ == "__main__":

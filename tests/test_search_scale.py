@@ -1,5 +1,5 @@
-"""Choices that make large galleries fast: IVF list count vs N, nprobe refined below a power of two, the
-filtered subset's gathered rows kept between queries."""
+"""Choices that make large galleries fast: IVF list count vs N, nprobe refined below a power of two, IVF-PQ
+candidates refined on the PCA rows, the filtered subset's gathered rows kept between queries."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lgur.errors import SearchError
-from lgur.search.ann import (FaissSearch, build_faiss, exact_truth, faiss_nlist, faiss_or_none, ivf_nlist,
-                             recall_queries, synthetic_embeddings, tune)
+from lgur.search.ann import (FaissSearch, TwoStageSearch, build_faiss, exact_truth, faiss_nlist, faiss_or_none,
+                             fit_pca, ivf_nlist, measure, project, recall_queries, synthetic_embeddings, tune)
 from lgur.search.topk import ExactSearch, RowReader, Shards, row_reader
 
 needs_faiss = pytest.mark.skipif(faiss_or_none() is None, reason="faiss is not installed (pip install faiss-cpu)")
@@ -42,9 +42,9 @@ def test_tune_refines_below_the_first_power_of_two():
     queries = recall_queries(gallery, 200, seed=4)
     truth = exact_truth(gallery, queries)
     index, param = build_faiss(gallery, "ivfpq")
-    coarse = tune(FaissSearch(index, param, 1), gallery, None, 10, queries, truth, target=0.95, refine=0)
+    coarse = tune(FaissSearch(index, param, 1), gallery, None, 10, queries, truth, target=0.95, steps=0)
     first = FaissSearch(index, param, 1)
-    fine = tune(first, gallery, None, 10, queries, truth, target=0.95, refine=3)
+    fine = tune(first, gallery, None, 10, queries, truth, target=0.95, steps=3)
     assert coarse.recall >= 0.95 and fine.recall >= 0.95
     assert coarse.value & (coarse.value - 1) == 0  # without refinement: a power of two
     # this gallery (141 lists): 32 probes give recall ~0.94, 48 ~0.97, 64 ~0.98 -> refined below 64
@@ -54,6 +54,63 @@ def test_tune_refines_below_the_first_power_of_two():
 
     again, _ = measure(TwoStageSearch(first, gallery, None, 10), queries, truth)
     assert again == pytest.approx(fine.recall)
+
+
+@pytest.fixture(scope="module")
+def pq_over_pca():
+    """30k rows of rank 64 in 256 dims, PCA-64 rows (fp16, as stored) and IVF-PQ (PQ32x4fs) over them."""
+    gallery = synthetic_embeddings(30000, 256, rank=64)
+    components = fit_pca(gallery, 64)
+    reduced = project(gallery, components).half()
+    index, param = build_faiss(reduced, "ivfpq")
+    queries = recall_queries(gallery, 200, seed=4)
+    return gallery, components, reduced, index, param, queries, exact_truth(gallery, queries)
+
+
+@needs_faiss
+def test_refine_on_pca_rows_recovers_the_pq_codes_ranking(pq_over_pca):
+    gallery, components, reduced, index, param, queries, truth = pq_over_pca
+    first = FaissSearch(index, param, faiss_nlist(index))  # every list: what is lost is the codes' ranking
+    plain, _ = measure(TwoStageSearch(first, gallery, components, 2), queries, truth)
+    refined, _ = measure(TwoStageSearch(first, gallery, components, 2, reduced, 20), queries, truth)
+    # measured: 0.952 from the PQ scores' top 20, 0.998 from the PCA-rescored top 20 of 200
+    assert plain < 0.97 and refined > 0.99
+    # refine <= rerank, or no stored PCA rows: the plain pipeline
+    for off in (TwoStageSearch(first, gallery, components, 2, reduced, 2),
+                TwoStageSearch(first, gallery, components, 2, None, 20)):
+        assert off.refine == 0 or off.refine <= off.rerank
+        assert measure(off, queries, truth)[0] == plain
+
+
+@needs_faiss
+def test_refine_matches_a_plain_reference(pq_over_pca):
+    gallery, components, reduced, index, param, queries, truth = pq_over_pca
+    first = FaissSearch(index, param, 24, threads=1)
+    subset = np.flatnonzero(np.arange(len(gallery)) % 7 == 2)
+    for kw in ({}, {"subset": subset}):
+        scores, ids = TwoStageSearch(first, gallery, components, 3, reduced, 25).search(queries[:40], 10, **kw)
+        q_red = queries[:40] @ components
+        _, cand = first.search(q_red, 250, **kw)  # what faiss proposes
+        for q, qr, c, got, got_s in zip(queries[:40], q_red, cand.numpy(), ids, scores):
+            c = c[c >= 0]
+            if kw:
+                assert np.isin(c, subset).all()
+            pca_scores = reduced[c].float().numpy() @ qr.numpy()
+            best = c[np.argsort(-pca_scores, kind="stable")[:30]]
+            full = gallery[best].float().numpy() @ q.numpy()
+            want = best[np.argsort(-full, kind="stable")[:10]]
+            assert got.tolist() == want.tolist()
+            np.testing.assert_allclose(got_s.numpy(), np.sort(full)[::-1][:10], rtol=1e-5, atol=1e-6)
+
+
+@needs_faiss
+def test_tune_with_refine_needs_no_more_probes(pq_over_pca):
+    gallery, components, reduced, index, param, queries, truth = pq_over_pca
+    plain = tune(FaissSearch(index, param, 1), gallery, components, 2, queries, truth, 0.95)
+    refined = tune(FaissSearch(index, param, 1), gallery, components, 2, queries, truth, 0.95, reduced=reduced,
+                   refine=20)
+    assert refined.recall >= 0.95 and plain.recall >= 0.95
+    assert refined.value < plain.value  # measured: fewer lists probed for the same target
 
 
 class CountingShards(Shards):
@@ -164,3 +221,67 @@ def _mapped_kib(path) -> int:
         elif first == "Rss:" and current:
             total += int(line.split()[1])
     return total
+
+
+@needs_faiss
+def test_ivfpq_index_stores_refine_and_the_engine_uses_it(tmp_path):
+    """`lgur index --pca --ann ivfpq` (attach_reduction) tunes with search.refine and records it; the searcher
+    reads it back; an index written before refine existed (no key) searches without it."""
+    import json
+
+    from lgur.config import defaults
+    from lgur.search.ann import attach_reduction
+    from lgur.search.index import GalleryIndex, IndexWriter, Rows
+    from lgur.search.searcher import make_engine
+
+    n, d = 4000, 96
+    gallery = synthetic_embeddings(n, d, rank=24)
+    scfg = defaults().search
+    scfg.recall_queries = 100
+    path = tmp_path / "g.lgidx"
+    with IndexWriter(path) as w:
+        w.write_embeddings([gallery], "fp16")
+        w.write_rows(Rows.from_dicts([{"path": f"c/{i}.jpg", "size": 1, "mtime_ns": 0} for i in range(n)]))
+        manifest = {"fingerprint": "f", "checkpoint": "ck", "images_root": "/nowhere", "dtype": "fp16", "dim": d,
+                    "skipped": [], "pca": None, "ann": None}
+        notes = attach_reduction(Shards([gallery]), manifest, w, 24, "ivfpq", scfg)
+        w.commit(manifest)
+    assert manifest["ann"]["refine"] == scfg.refine == 30
+    assert any(f"k x 30 candidates re-scored on the PCA rows, then k x {scfg.rerank} on the full rows" in s
+               for s in notes)
+    engine = make_engine(GalleryIndex.load(path), "ann", scfg, torch.device("cpu")).engine
+    assert engine.refine == 30 and engine.reduced is not None
+    queries = recall_queries(gallery, 100)  # the build's own queries (seed 0): the recall it recorded
+    assert measure(engine, queries, exact_truth(gallery, queries))[0] == pytest.approx(manifest["ann"]["recall@10"],
+                                                                                      abs=0.011)
+    mpath = path / "manifest.json"
+    old = json.loads(mpath.read_text())
+    del old["ann"]["refine"]
+    mpath.write_text(json.dumps(old))
+    assert make_engine(GalleryIndex.load(path), "ann", scfg, torch.device("cpu")).engine.refine == 0
+    old["ann"]["refine"] = -1
+    mpath.write_text(json.dumps(old))
+    with pytest.raises(SearchError, match="refine"):
+        GalleryIndex.load(path)
+
+
+def test_large_filtered_subset_is_scanned_on_subset_threads():
+    from lgur.search.topk import SUBSET_THREAD_ROWS
+
+    class Recording(ExactSearch):
+        def _subset_blocks(self, subset, dtype):
+            self.seen = torch.get_num_threads()
+            return super()._subset_blocks(subset, dtype)
+
+    gallery = synthetic_embeddings(SUBSET_THREAD_ROWS + 8000, 32, rank=8)
+    queries = recall_queries(gallery, 5, seed=2)
+    big = np.arange(0, len(gallery), 1, dtype=np.int64)[: SUBSET_THREAD_ROWS + 100]
+    small = big[::50]
+    before = torch.get_num_threads()
+    want = before + 1 if before < 4 else before - 1  # a count differing from the caller's
+    for subset, threads_in_scan in ((big, want), (small, before)):
+        plain = ExactSearch(gallery).search(queries, 10, subset=subset)
+        threaded = Recording(gallery, subset_threads=want)
+        got = threaded.search(queries, 10, subset=subset)
+        assert threaded.seen == threads_in_scan and torch.get_num_threads() == before
+        assert torch.equal(got[1], plain[1]) and torch.allclose(got[0], plain[0])

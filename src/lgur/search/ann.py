@@ -2,7 +2,8 @@
 
 Every approximate path is two-stage: stage 1 (exact scan of PCA-reduced vectors, or a faiss index over
 the full or reduced vectors) proposes k*rerank candidates; stage 2 re-scores them exactly (fp32) from the
-stored full-dim embeddings. Recall is always measured against exact full-dim search, with and without
+stored full-dim embeddings. IVF-PQ over PCA rows adds a refine step between them (TwoStageSearch.refine:
+k*refine candidates re-scored on the stored PCA rows first). Recall is always measured against exact full-dim search, with and without
 the re-ranking, and the ANN search parameter (nprobe / efSearch) is tuned at build time to the smallest
 value reaching the recall target.
 
@@ -29,7 +30,7 @@ ANN_KINDS = ("ivfpq", "hnsw")
 # multiplied by sqrt(FILTER_PROBE_GROWTH / f) (bench/scale.py measures recall with a 1 % filter)
 FILTER_PROBE_GROWTH = 0.1
 _FAISS_THREADS_SET = False
-TUNE_REFINE = 3  # bisection steps of `tune` below the first power of two reaching the recall target
+TUNE_STEPS = 3  # bisection steps of `tune` below the first power of two reaching the recall target
 # an IVF query's lists are split over threads (FaissSearch.threads) only when it scans at least this many
 # codes: below, handing work to the threads costs more than it saves (100k rows, nprobe 64 of 316 lists,
 # 20k codes: 0.21 ms on one thread, 0.64 on two)
@@ -233,11 +234,23 @@ class FaissSearch:
 
 
 class TwoStageSearch:
-    """Stage 1 (`first`, over vectors projected by `components` or the full vectors) proposes k*rerank
-    candidates; stage 2 re-scores them exactly from `store` (rerank=0: stage 1 alone, no re-ranking)."""
+    """Stage 1 (`first`, over vectors projected by `components` or the full vectors) proposes candidates;
+    stage 2 re-scores k*rerank of them exactly from `store` (rerank=0: stage 1 alone, no re-ranking).
 
-    def __init__(self, first, store: torch.Tensor, components: torch.Tensor | None, rerank: int):
+    refine > 0 (with `reduced`, the stored PCA rows): stage 1 proposes k*refine candidates, which are first
+    re-scored exactly in PCA space from `reduced` (fp16 rows, 2r bytes each, read through their memory map:
+    ~300 B per crop stays in the page cache); the best k*rerank of those go on to the full-row re-ranking.
+    This is faiss's IndexRefine idea over rows the index already stores: IVF-PQ's 4-bit codes rank the rows
+    of the lists it scans coarsely, so without it the recall target is reached only by probing lists beyond
+    the ones holding the answers. On the 10 M benchmark (bench/scale.py) the lists probed held 0.958 of the
+    true top-10 at nprobe 640; the PQ scores' top 100 got 0.944 of them, the PCA-refined top 100 of 300
+    candidates 0.954."""
+
+    def __init__(self, first, store: torch.Tensor, components: torch.Tensor | None, rerank: int,
+                 reduced: "torch.Tensor | Shards | None" = None, refine: int = 0):
         self.first, self.store, self.components, self.rerank = first, store, components, int(rerank)
+        self.reduced = reduced if components is not None else None
+        self.refine = int(refine) if self.reduced is not None else 0
 
     def __len__(self) -> int:
         return self.store.shape[0]
@@ -249,7 +262,12 @@ class TwoStageSearch:
         kw = {} if subset is None else {"subset": subset}
         if not self.rerank:
             return self.first.search(reduced, k, **kw)
-        _, cand = self.first.search(reduced, min(len(self), k * self.rerank), **kw)
+        wanted = min(len(self), k * self.rerank)
+        if self.refine > self.rerank:
+            _, cand = self.first.search(reduced, min(len(self), k * self.refine), **kw)
+            _, cand = rescore(reduced, self.reduced, cand, wanted)
+        else:
+            _, cand = self.first.search(reduced, wanted, **kw)
         return rescore(queries, self.store, cand, k)
 
 
@@ -324,14 +342,15 @@ def measure(engine, queries: torch.Tensor, truth: torch.Tensor, k: int = 10) -> 
 
 
 def tune(first: FaissSearch, store: torch.Tensor, components: torch.Tensor | None, rerank: int,
-         queries: torch.Tensor, truth: torch.Tensor, target: float, refine: int = TUNE_REFINE) -> Tuning:
-    """Smallest nprobe/efSearch whose re-ranked recall@10 reaches `target`: the first power of two that
-    does, then `refine` bisection steps between it and the power below (the search time grows about
+         queries: torch.Tensor, truth: torch.Tensor, target: float, steps: int = TUNE_STEPS,
+         reduced: "torch.Tensor | Shards | None" = None, refine: int = 0) -> Tuning:
+    """Smallest nprobe/efSearch whose re-ranked recall@10 (TwoStageSearch with `rerank`, and `refine` over
+    `reduced`) reaches `target`: the first power of two that does, then `steps` bisection steps between it and the power below (the search time grows about
     linearly with nprobe: on the 1M benchmark nprobe 512 was needed among powers of two while ~300
     reached the target)."""
     cap = max(1, faiss_nlist(first.index)) if first.param == "nprobe" else 4096
     values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if v < cap] + [cap]
-    engine = TwoStageSearch(first, store, components, rerank)
+    engine = TwoStageSearch(first, store, components, rerank, reduced, refine)
     bare = TwoStageSearch(first, store, components, 0)
     below = None  # the largest value known to miss the target
     for v in values:
@@ -343,7 +362,7 @@ def tune(first: FaissSearch, store: torch.Tensor, components: torch.Tensor | Non
     best = (v, recall, ms)
     if best[1] >= target and below is not None:
         lo, hi = below, v
-        for _ in range(int(refine)):
+        for _ in range(int(steps)):
             mid = (lo + hi) // 2
             if mid <= lo:
                 break
@@ -356,6 +375,28 @@ def tune(first: FaissSearch, store: torch.Tensor, components: torch.Tensor | Non
     v, recall, ms = best
     first.set_param(v)
     return Tuning(first.param, v, recall, measure(bare, queries, truth)[0], ms, len(queries))
+
+
+def tune_ann(faiss_index, param: str, kind: str, store, components, reduced, scfg, queries, truth) -> tuple[Tuning, int]:
+    """`tune` a freshly built faiss index with the search settings `scfg` (rerank, refine, recall target), as
+    `lgur index` does; returns the tuning and the refine factor it used."""
+    refine = ann_refine(kind, components, scfg)
+    tuning = tune(FaissSearch(faiss_index, param, 1), store, components, int(scfg.rerank), queries, truth,
+                  float(scfg.ann_recall_target), reduced=reduced, refine=refine)
+    return tuning, refine
+
+
+def ann_settings(tuning: Tuning, refine: int, scfg) -> dict:
+    """The manifest's record of a tuning (its `ann` entry, beside kind/dim/build time): what the searcher uses."""
+    return {"param": tuning.param, "value": tuning.value, "recall@10": tuning.recall,
+            "recall@10_no_rerank": tuning.recall_no_rerank, "rerank": int(scfg.rerank), "refine": refine,
+            "queries": tuning.queries}
+
+
+def ann_refine(ann_kind: str, components, scfg) -> int:
+    """search.refine where it helps: IVF-PQ over PCA rows (the rows its codes approximate are stored);
+    HNSW scores its stage exactly already, and an ANN over the full rows has no cheaper rows to refine on."""
+    return int(scfg.refine) if ann_kind == "ivfpq" and components is not None else 0
 
 
 def ivf_nlist(n: int) -> int:
@@ -403,14 +444,14 @@ def attach_reduction(store, manifest: dict, writer, pca_dim: int | None, ann_kin
         t = time.perf_counter()
         faiss_index, param = build_faiss(vectors, ann_kind, hnsw_m=int(scfg.hnsw_m), pq_dims=int(scfg.pq_dims))
         built = time.perf_counter() - t
-        tuning = tune(FaissSearch(faiss_index, param, 1), store, components, int(scfg.rerank), queries, truth,
-                      float(scfg.ann_recall_target))
+        tuning, refine = tune_ann(faiss_index, param, ann_kind, store, components, reduced, scfg, queries, truth)
         writer.write_faiss(faiss_index)
-        manifest["ann"] = {"kind": ann_kind, "dim": int(vectors.shape[1]), "param": tuning.param,
-                           "value": tuning.value, "recall@10": tuning.recall,
-                           "recall@10_no_rerank": tuning.recall_no_rerank, "rerank": int(scfg.rerank),
-                           "queries": tuning.queries, "build_seconds": round(built, 2)}
-        notes.append(f"ANN {ann_kind} over {vectors.shape[1]}-d vectors, built in {built:.1f} s; {tuning.describe()}")
+        manifest["ann"] = {"kind": ann_kind, "dim": int(vectors.shape[1]), **ann_settings(tuning, refine, scfg),
+                           "build_seconds": round(built, 2)}
+        how = (f"k x {refine} candidates re-scored on the PCA rows, then k x {scfg.rerank} on the full rows"
+               if refine > int(scfg.rerank) else f"k x {scfg.rerank} candidates re-scored on the full rows")
+        notes.append(f"ANN {ann_kind} over {vectors.shape[1]}-d vectors, built in {built:.1f} s ({how}); "
+                     f"{tuning.describe()}")
         if n < int(scfg.ann_threshold):
             notes.append(f"note: {n} images < search.ann_threshold={scfg.ann_threshold}: `lgur search` scans "
                          f"{'the PCA vectors' if components is not None else 'exactly'} unless given --mode ann")

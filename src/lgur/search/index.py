@@ -311,7 +311,9 @@ def _checked_manifest(manifest, where: Path) -> dict:
                          and type(pca.get("rerank")) is int), "'pca' must be null or {dim, rerank, ...}")
     need(ann is None or (isinstance(ann, dict) and ann.get("kind") in ("ivfpq", "hnsw")
                          and ann.get("param") in ("nprobe", "efSearch") and type(ann.get("value")) is int
-                         and type(ann.get("rerank")) is int), "'ann' must be null or {kind, param, value, rerank}")
+                         and type(ann.get("rerank")) is int and type(ann.get("refine", 0)) is int
+                         and 0 <= ann.get("refine", 0) <= 1000),
+         "'ann' must be null or {kind, param, value, rerank, refine (0..1000)}")
     maps = manifest.get("explain_maps")
     need(maps is None or (isinstance(maps, dict) and isinstance(maps.get("grid"), list) and len(maps["grid"]) == 2
                           and all(type(g) is int and 0 < g <= 4096 for g in maps["grid"])

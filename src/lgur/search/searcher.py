@@ -113,14 +113,17 @@ def make_engine(index: GalleryIndex, mode: str, scfg, device: torch.device):
     components = index.components.to(device) if index.components is not None else None
     if index.ann is not None and (mode == "ann" or len(index) >= int(scfg.ann_threshold)):
         first = FaissSearch(index.ann, ann["param"], ann["value"], threads=int(scfg.ann_threads))
-        engine = TwoStageSearch(first, exact.store, components, int(ann["rerank"]))  # as tuned at build time
+        engine = TwoStageSearch(first, exact.store, components, int(ann["rerank"]),  # as tuned at build time
+                                index.reduced, int(ann.get("refine", 0)))  # indexes built before refine: 0
         # a small filtered subset: an exact scan of its rows (PCA rows when built, re-ranked) beats probing
         # most of the IVF lists for the few allowed rows among them
         cache = int(scfg.filter_cache_mb) << 20
+        threads = int(scfg.ann_threads) or cpu_cores()  # the subset scan, like the IVF scan, on every core
         small = (TwoStageSearch(ExactSearch(index.reduced, scfg.compute_dtype, scfg.chunk_rows, device,
-                                            subset_cache_bytes=cache), exact.store,
+                                            subset_cache_bytes=cache, subset_threads=threads), exact.store,
                                 components, int(index.manifest["pca"]["rerank"])) if components is not None
-                 else ExactSearch(index.store, scfg.compute_dtype, scfg.chunk_rows, device, subset_cache_bytes=cache))
+                 else ExactSearch(index.store, scfg.compute_dtype, scfg.chunk_rows, device, subset_cache_bytes=cache,
+                                  subset_threads=threads))
         return FilterRouter(engine, small, int(scfg.filter_exact_rows))
     if components is not None:
         first = ExactSearch(index.reduced, scfg.compute_dtype, scfg.chunk_rows, device,
