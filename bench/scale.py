@@ -33,7 +33,8 @@ indexing: images/s of `lgur index` with 1 process vs `--nproc 2`, each process o
 (OMP_NUM_THREADS=1: the same CPU budget per process), on synthetic images with lgur-small (random
 weights: the same cost). Both runs in this invocation; the ratio is what to read.
 
-The machine may be shared: the load average is printed with every result.
+The machine may be shared: the load average is printed with every result, and `search` also prints one core's
+memory read speed (a query's scans are bound by it, and it drifts on a shared virtual machine).
 """
 from __future__ import annotations
 
@@ -56,6 +57,22 @@ import torch
 
 def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def memory_gbps() -> float:
+    """One core's streaming read speed (GB/s, best of 5 sums over 256 MB): a query's scans are bound by it, and on
+    a shared virtual machine it drifts (this 2-core box read 5 to 8 GB/s within an hour), so results from
+    different runs compare only beside it."""
+    from lgur.search.topk import torch_threads
+
+    x = torch.ones(1 << 26)
+    best = float("inf")
+    with torch_threads(1):
+        for _ in range(5):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
 
 
 def peak_rss_gb() -> float:
@@ -207,7 +224,8 @@ def search(args) -> None:
               "ann": index.manifest["ann"]["param"] + "=" + str(index.manifest["ann"]["value"]), "lists": faiss_nlist(index.ann), "load_s": round(t_load, 2),
               "filter_select_ms (camera=3, once, then cached by Searcher)": round(t_select, 1),
               "queries": len(queries), "results": rows, "peak_rss_gb": round(peak_rss_gb(), 2),
-              "anon_gb_after_load": round(anon_after_load, 2), "anon_gb_end": round(anon_gb(), 2), "load": load()}
+              "anon_gb_after_load": round(anon_after_load, 2), "anon_gb_end": round(anon_gb(), 2), "load": load(),
+              "memory_gbps_one_core": round(memory_gbps(), 1)}
     print(json.dumps(result, indent=1))
 
 
