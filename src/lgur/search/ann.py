@@ -3,9 +3,9 @@
 Every approximate path is two-stage: stage 1 (exact scan of PCA-reduced vectors, or a faiss index over
 the full or reduced vectors) proposes k*rerank candidates; stage 2 re-scores them exactly (fp32) from the
 stored full-dim embeddings. IVF-PQ over PCA rows adds a refine step between them (TwoStageSearch.refine:
-k*refine candidates re-scored on the stored PCA rows first). Recall is always measured against exact full-dim search, with and without
-the re-ranking, and the ANN search parameter (nprobe / efSearch) is tuned at build time to the smallest
-value reaching the recall target.
+k*refine candidates re-scored on the stored PCA rows first). Recall is always measured against exact
+full-dim search, with and without the re-ranking, and the ANN search parameter (nprobe / efSearch) is tuned
+at build time to the smallest value reaching the recall target.
 
 Recall queries (`recall_queries`): held-out perturbations of gallery vectors, q = normalise(g + n) with
 |n| = |g| (cos(q, g) ~ 0.71, roughly a matching text-image pair), NOT the gallery vectors themselves
@@ -345,9 +345,9 @@ def tune(first: FaissSearch, store: torch.Tensor, components: torch.Tensor | Non
          queries: torch.Tensor, truth: torch.Tensor, target: float, steps: int = TUNE_STEPS,
          reduced: "torch.Tensor | Shards | None" = None, refine: int = 0) -> Tuning:
     """Smallest nprobe/efSearch whose re-ranked recall@10 (TwoStageSearch with `rerank`, and `refine` over
-    `reduced`) reaches `target`: the first power of two that does, then `steps` bisection steps between it and the power below (the search time grows about
-    linearly with nprobe: on the 1M benchmark nprobe 512 was needed among powers of two while ~300
-    reached the target)."""
+    `reduced`) reaches `target`: the first power of two that does, then `steps` bisection steps between it
+    and the power below (the search time grows about linearly with nprobe: on the 1M benchmark nprobe 512
+    was needed among powers of two while ~300 reached the target)."""
     cap = max(1, faiss_nlist(first.index)) if first.param == "nprobe" else 4096
     values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if v < cap] + [cap]
     engine = TwoStageSearch(first, store, components, rerank, reduced, refine)
@@ -377,7 +377,8 @@ def tune(first: FaissSearch, store: torch.Tensor, components: torch.Tensor | Non
     return Tuning(first.param, v, recall, measure(bare, queries, truth)[0], ms, len(queries))
 
 
-def tune_ann(faiss_index, param: str, kind: str, store, components, reduced, scfg, queries, truth) -> tuple[Tuning, int]:
+def tune_ann(faiss_index, param: str, kind: str, store, components, reduced, scfg, queries,
+             truth) -> tuple[Tuning, int]:
     """`tune` a freshly built faiss index with the search settings `scfg` (rerank, refine, recall target), as
     `lgur index` does; returns the tuning and the refine factor it used."""
     refine = ann_refine(kind, components, scfg)

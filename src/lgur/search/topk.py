@@ -238,8 +238,8 @@ class ExactSearch:
         # Searcher reuses one array per filter): up to `subset_cache_bytes` in all, oldest dropped first
         self.subset_cache_bytes = int(subset_cache_bytes)
         self._subset_cache: OrderedDict = OrderedDict()
-        # a filtered subset of at least SUBSET_THREAD_ROWS rows is scanned on this many torch threads (0:
-        # the caller's): one query's scan is memory-bound, and on the 2-core box one core streams ~5 GB/s
+        # a filtered subset of at least SUBSET_THREAD_ROWS rows is scanned on this many torch threads where
+        # the caller runs fewer (a single query: search.single_query_threads): one query's scan is memory-bound, and on the 2-core box one core streams ~5 GB/s
         # (100k PCA-128 fp16 rows, the 1 % filter of the 10 M benchmark: 5.1-6.9 ms on 1 thread, 3.7-4.0 on 2)
         self.subset_threads = int(subset_threads)
         self._copies: dict[torch.dtype, torch.Tensor] = {self.store.dtype: self.store}
@@ -321,8 +321,8 @@ class ExactSearch:
         wanted = min(len(subset), k if exact else k + self.margin)
         best = None
         qw = queries.to(dtype)
-        threads = self.subset_threads if len(subset) >= SUBSET_THREAD_ROWS else 0
-        with torch_threads(threads) if threads else nullcontext():
+        more = self.subset_threads > torch.get_num_threads() and len(subset) >= SUBSET_THREAD_ROWS
+        with torch_threads(self.subset_threads) if more else nullcontext():
             for ids, block in self._subset_blocks(subset, dtype):
                 scores = qw @ block.T
                 top, pos = scores.topk(min(wanted, scores.shape[1]), dim=1)
