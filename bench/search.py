@@ -10,7 +10,8 @@ the gallery vectors themselves. Recall@10 is always against an exact fp32 scan o
 Rows:
   exact        ExactSearch (compute auto: 1 query scans the fp16 store, batches a bf16 copy; fp32 re-score)
   pca-R        exact scan of PCA-R reduced vectors (fp16) -> k*rerank candidates -> fp32 full-dim re-score
-  ivfpq/pca-R  faiss IVF-PQ 4-bit fast-scan over PCA-R vectors, nprobe tuned to recall >= 0.95, re-scored
+  ivfpq/pca-R  faiss IVF-PQ 4-bit fast-scan over PCA-R vectors, nprobe tuned to recall >= 0.95 as `lgur index`
+               does (k*search.refine candidates re-scored on the PCA rows, then k*rerank on the full rows)
   hnsw/pca-R   faiss HNSW32 over PCA-R vectors, efSearch tuned likewise (100k only: a 1M build on one
                thread takes tens of minutes)
 "single" = median latency of one query at a time (on search.single_query_threads threads, as Searcher runs
@@ -32,7 +33,7 @@ import torch
 
 from lgur.config import defaults
 from lgur.search.ann import (FaissSearch, TwoStageSearch, build_faiss, faiss_or_none, fit_pca, project, recall_at,
-                             recall_queries, synthetic_embeddings, tune)
+                             recall_queries, synthetic_embeddings, tune_ann)
 from lgur.search.topk import ExactSearch, merge_topk, torch_threads
 
 
@@ -132,11 +133,11 @@ def main() -> None:
                 t = time.perf_counter()
                 index, param = build_faiss(reduced, kind, hnsw_m=int(scfg.hnsw_m), pq_dims=int(scfg.pq_dims))
                 built = time.perf_counter() - t
-                tuning = tune(FaissSearch(index, param, 1), store, comps, rerank, queries, truth,
-                              float(scfg.ann_recall_target))
-                engine = TwoStageSearch(FaissSearch(index, param, tuning.value), store, comps, rerank)
+                tuning, refine = tune_ann(index, param, kind, store, comps, reduced, scfg, queries, truth)
+                engine = TwoStageSearch(FaissSearch(index, param, tuning.value), store, comps, rerank, reduced, refine)
                 row(f"{kind}/pca-{r}", n, r, single_ms(engine, queries, one), batch_ms(engine, queries), tuning.recall,
-                    f"{param}={tuning.value}; no re-rank R@10 {tuning.recall_no_rerank:.3f}; build {built:.0f} s")
+                    f"{param}={tuning.value}; refine x{refine}; no re-rank R@10 {tuning.recall_no_rerank:.3f}; "
+                    f"build {built:.0f} s")
         del store, queries
     for recipe in args.encode:
         encode_row(recipe, one)
