@@ -60,9 +60,9 @@ def load() -> str:
 
 
 def memory_gbps() -> float:
-    """One core's streaming read speed (GB/s, best of 5 sums over 256 MB): a query's scans are bound by it, and on
-    a shared virtual machine it drifts (this 2-core box read 5 to 8 GB/s within an hour), so results from
-    different runs compare only beside it."""
+    """One core's streaming read speed (GB/s, best of 5 sums over 256 MB): a query's scans are bound by memory,
+    and on a shared virtual machine its speed drifts (on this 2-core box a 33 MB fp32 matrix-vector product
+    took 6.6 ms one hour and 4.1 ms the next), so results from different runs compare only beside it."""
     from lgur.search.topk import torch_threads
 
     x = torch.ones(1 << 26)
@@ -221,7 +221,8 @@ def search(args) -> None:
             rows[f"unfiltered, {first.param}={v}"] = one_by_one(lambda q: engine.search(q, 10)[1], truth)
         first.set_param(tuned)
     result = {"n": len(index), "engine": type(engine).__name__, "ann_threads": first.threads,
-              "ann": index.manifest["ann"]["param"] + "=" + str(index.manifest["ann"]["value"]), "lists": faiss_nlist(index.ann), "load_s": round(t_load, 2),
+              "ann": index.manifest["ann"]["param"] + "=" + str(index.manifest["ann"]["value"]),
+              "lists": faiss_nlist(index.ann), "load_s": round(t_load, 2),
               "filter_select_ms (camera=3, once, then cached by Searcher)": round(t_select, 1),
               "queries": len(queries), "results": rows, "peak_rss_gb": round(peak_rss_gb(), 2),
               "anon_gb_after_load": round(anon_after_load, 2), "anon_gb_end": round(anon_gb(), 2), "load": load(),

@@ -9,7 +9,7 @@ import torch
 from lgur.errors import SearchError
 from lgur.search.ann import (FaissSearch, TwoStageSearch, build_faiss, exact_truth, faiss_nlist, faiss_or_none,
                              fit_pca, ivf_nlist, measure, project, recall_queries, synthetic_embeddings, tune)
-from lgur.search.topk import ExactSearch, RowReader, Shards, row_reader
+from lgur.search.topk import SUBSET_THREAD_ROWS, ExactSearch, RowReader, Shards, row_reader, torch_threads
 
 needs_faiss = pytest.mark.skipif(faiss_or_none() is None, reason="faiss is not installed (pip install faiss-cpu)")
 
@@ -266,8 +266,6 @@ def test_ivfpq_index_stores_refine_and_the_engine_uses_it(tmp_path):
 
 
 def test_large_filtered_subset_is_scanned_on_subset_threads():
-    from lgur.search.topk import SUBSET_THREAD_ROWS
-
     class Recording(ExactSearch):
         def _subset_blocks(self, subset, dtype):
             self.seen = torch.get_num_threads()
@@ -275,10 +273,8 @@ def test_large_filtered_subset_is_scanned_on_subset_threads():
 
     gallery = synthetic_embeddings(SUBSET_THREAD_ROWS + 8000, 32, rank=8)
     queries = recall_queries(gallery, 5, seed=2)
-    big = np.arange(0, len(gallery), 1, dtype=np.int64)[: SUBSET_THREAD_ROWS + 100]
+    big = np.arange(SUBSET_THREAD_ROWS + 100, dtype=np.int64)
     small = big[::50]
-    from lgur.search.topk import torch_threads
-
     with torch_threads(1):  # as a single query runs (search.single_query_threads)
         for subset, want, threads_in_scan in ((big, 2, 2), (small, 2, 1), (big, 1, 1)):
             plain = ExactSearch(gallery).search(queries, 10, subset=subset)

@@ -118,7 +118,7 @@ def make_engine(index: GalleryIndex, mode: str, scfg, device: torch.device):
         # a small filtered subset: an exact scan of its rows (PCA rows when built, re-ranked) beats probing
         # most of the IVF lists for the few allowed rows among them
         cache = int(scfg.filter_cache_mb) << 20
-        threads = int(scfg.ann_threads) or cpu_cores()  # the subset scan, like the IVF scan, on every core
+        threads = first.threads  # the subset scan on the IVF scan's threads (search.ann_threads)
         small = (TwoStageSearch(ExactSearch(index.reduced, scfg.compute_dtype, scfg.chunk_rows, device,
                                             subset_cache_bytes=cache, subset_threads=threads), exact.store,
                                 components, int(index.manifest["pca"]["rerank"])) if components is not None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -239,8 +239,9 @@ class ExactSearch:
         self.subset_cache_bytes = int(subset_cache_bytes)
         self._subset_cache: OrderedDict = OrderedDict()
         # a filtered subset of at least SUBSET_THREAD_ROWS rows is scanned on this many torch threads where
-        # the caller runs fewer (a single query: search.single_query_threads): one query's scan is memory-bound, and on the 2-core box one core streams ~5 GB/s
-        # (100k PCA-128 fp16 rows, the 1 % filter of the 10 M benchmark: 5.1-6.9 ms on 1 thread, 3.7-4.0 on 2)
+        # the caller runs fewer (a single query: search.single_query_threads): one query's scan is
+        # memory-bound, and one core alone does not saturate memory (100k PCA-128 fp16 rows, the 1 % filter
+        # of the 10 M benchmark: 5.1-6.9 ms on 1 thread, 3.7-4.0 on 2)
         self.subset_threads = int(subset_threads)
         self._copies: dict[torch.dtype, torch.Tensor] = {self.store.dtype: self.store}
 
@@ -322,7 +323,7 @@ class ExactSearch:
         best = None
         qw = queries.to(dtype)
         more = self.subset_threads > torch.get_num_threads() and len(subset) >= SUBSET_THREAD_ROWS
-        with torch_threads(self.subset_threads) if more else nullcontext():
+        with torch_threads(self.subset_threads if more else 0):  # 0: unchanged
             for ids, block in self._subset_blocks(subset, dtype):
                 scores = qw @ block.T
                 top, pos = scores.topk(min(wanted, scores.shape[1]), dim=1)
